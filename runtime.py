@@ -1,0 +1,666 @@
+"""Run-time plumbing shared by the tandem scripts: arguments and presets, distributed setup, model loading and
+FSDP2 sharding, the rollout engines (vLLM colocated per rank, or HF sampling), evaluation, the run directory
+(config, metrics, samples, curves) and atomic, exactly-resumable checkpoints. Nothing here is a paper's method.
+
+One process per GPU (torchrun), or a single process under plain `python`; NCCL on CUDA, gloo on CPU.
+Trained and frozen models are FSDP2-sharded; each rank also holds an unsharded *rollout engine* (vLLM, or an HF
+replica) that receives the trained weights after every update, parameter by parameter.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import common
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-shard "Loading weights" bars drown the run log
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arguments: one dataclass per script, parsed by transformers.HfArgumentParser; presets are default overrides
+# ----------------------------------------------------------------------------------------------------------
+def arg(default, help: str):
+    """A dataclass field with its --help text."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None):
+    """Parse `cls` from the command line. `--preset NAME` applies that bundle of defaults; explicit flags win."""
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="paper")
+    preset = pre.parse_known_args(argv)[0].preset
+    if preset not in presets:
+        raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
+    parser = HfArgumentParser(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = set(presets[preset]) - fields
+    if bad:
+        raise RuntimeError(f"preset {preset!r} sets unknown fields {sorted(bad)}")
+    parser.set_defaults(**presets[preset])
+    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` runs as a world of one on a local port, so that
+    the same FSDP2 and collective code paths run everywhere."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, local, device)
+
+
+def seed_everything(seed: int) -> None:
+    """The same seed on every rank: model init and data order must agree; per-rank sampling diversity comes
+    from the rollout seeds (`rollout_seed`), not from here."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rollout_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
+    """Rollouts are a pure function of (weights, prompts, this seed): no sampler state to checkpoint."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + salt * 15_485_863) % (2**63 - 1)
+
+
+def all_reduce_mean(metrics: dict[str, float], d: Dist) -> dict[str, float]:
+    """Average metrics over ranks; keys ending in /max or /min reduce by max or min."""
+    if d.world == 1 or not metrics:
+        return metrics
+    keys = sorted(metrics)
+    out = {}
+    for op, pick in ((dist.ReduceOp.SUM, lambda k: not k.endswith(("/max", "/min"))),
+                     (dist.ReduceOp.MAX, lambda k: k.endswith("/max")), (dist.ReduceOp.MIN, lambda k: k.endswith("/min"))):
+        ks = [k for k in keys if pick(k)]
+        if ks:
+            t = torch.tensor([float(metrics[k]) for k in ks], dtype=torch.float64, device=d.device)
+            dist.all_reduce(t, op=op)
+            for k, v in zip(ks, t.tolist()):
+                out[k] = v / d.world if op == dist.ReduceOp.SUM else v
+    return out
+
+
+def gather_objects(obj, d: Dist) -> list:
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, d: Dist):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models: tokenizer checks, loading with meta-device init + broadcast from rank 0, FSDP2 sharding
+# ----------------------------------------------------------------------------------------------------------
+def resolve(name: str, d: Dist) -> str:
+    """`tiny:<size>` -> the toy world's cached warm start (rank 0 builds it, the others wait); else unchanged."""
+    if not name.startswith("tiny:"):
+        return name
+    import tiny
+    path = tiny.resolve_model(name, log=print) if d.main else None
+    dist.barrier()
+    return tiny.resolve_model(name) if path is None else path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _hub_error(path, e) from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _hub_error(path: str, e: Exception) -> Exception:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(path).exists():
+        return OSError(f"cannot load {path!r}: HF_HUB_OFFLINE=1 and it is neither a local folder nor in the hub "
+                       f"cache. Download it first, or point the flag at a local folder. ({e})")
+    return OSError(f"cannot load {path!r}: {e}")
+
+
+def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
+    """Distillation compares per-token distributions, which only means something over one shared vocabulary."""
+    if tok_a.get_vocab() != tok_b.get_vocab():
+        raise ValueError(f"{name_a} and {name_b} use different tokenizers ({len(tok_a)} vs {len(tok_b)} tokens, "
+                         f"or the same size with different ids); token-level distillation needs one shared "
+                         f"tokenizer: pick a teacher/student pair from the same family")
+
+
+def eos_ids(tokenizer, model_path: str) -> list[int]:
+    """Stop tokens: the tokenizer's EOS plus those of the model's generation config (Qwen ends turns with
+    <|im_end|> but lists <|endoftext|> too)."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        from transformers import GenerationConfig
+        gen = GenerationConfig.from_pretrained(model_path).eos_token_id
+        ids |= set(gen if isinstance(gen, list) else [gen])
+    except OSError:
+        pass
+    return sorted(i for i in ids if i is not None)
+
+
+def _fix_rotary_buffers(model) -> None:
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict, so meta init leaves them as garbage
+    # after to_empty(); rebuild each rotary module on the CPU and copy its buffers over.
+    for mod in model.modules():
+        if hasattr(mod, "inv_freq") and hasattr(mod, "config"):
+            fresh = type(mod)(mod.config)
+            for name, buf in fresh.named_buffers():
+                getattr(mod, name).copy_(buf)
+
+
+def load_model(path: str, d: Dist, *, trainable: bool, vocab: int, grad_ckpt: bool = False,
+               trust_remote_code: bool = False):
+    """An FSDP2-sharded causal LM: `fully_shard` on each decoder layer and the root, bf16 compute with fp32
+    reduce on CUDA, fp32 on CPU. Rank 0 reads the weights; the other ranks start on the meta device and receive
+    their shards by broadcast (no rank but 0 ever holds the whole model in CPU memory). A frozen model is put in
+    eval mode with requires_grad off: no gradients, no optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _hub_error(path, e) from e
+    if config.vocab_size < vocab:
+        raise ValueError(f"{path}: vocab_size {config.vocab_size} is smaller than the tokenizer ({vocab} tokens)")
+    full = None
+    if d.main:
+        full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                    trust_remote_code=trust_remote_code).state_dict()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else None
+    kw = {"mp_policy": mp} if mp else {}
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    model.to_empty(device=d.device)
+    set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _fix_rotary_buffers(model)
+    del full
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return model
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the (sharded) gradients to a global norm; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+
+
+def full_params(model):
+    """(name, full tensor) for every parameter of an FSDP2 model, one all-gather at a time: every rank must
+    iterate, in the same order; the peak is one parameter, never the whole model."""
+    for name, p in model.state_dict().items():
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        yield name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""), t.detach()
+
+
+def save_hf(model, tokenizer, out: Path, d: Dist) -> None:
+    """HF-format folder (safetensors + config + tokenizer), loadable by transformers and vLLM."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.main:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=sd)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollout engines: generate(prompts, n, ...) -> per prompt, n completions with the engine's own log-probs
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]      # the engine's log-probs of its sampled tokens, after temperature/top-k/top-p
+    finished: bool             # ended with a stop token (False: cut at max_new_tokens)
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0             # 0 = off
+
+
+class HFEngine:
+    """Rollouts from an unsharded HF replica on this rank (CPU, tests, GPUs without vLLM): a KV-cached sampling
+    loop that masks the padded vocabulary and returns processed log-probs, as vLLM does."""
+
+    def __init__(self, model_path: str, d: Dist, stop_ids: list[int], pad_id: int, vocab: int, batch_size: int,
+                 trust_remote_code: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+        with torch.device(d.device):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.eval().requires_grad_(False)
+        self._params = dict(self.model.state_dict())
+        self.device, self.stop_ids, self.pad_id, self.vocab, self.batch_size = d.device, stop_ids, pad_id, vocab, batch_size
+
+    def load_weights(self, named_tensors) -> None:
+        for name, t in named_tensors:
+            if name not in self._params:
+                raise KeyError(f"rollout engine has no parameter {name!r}")
+            self._params[name].copy_(t)
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, s: Sampling, seed: int) -> list[list[Completion]]:
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        flat = [p for p in prompts for _ in range(n)]
+        outs: list[Completion] = []
+        for i in range(0, len(flat), self.batch_size):
+            outs += self._sample(flat[i:i + self.batch_size], s, gen)
+        return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _sample(self, prompts: list[list[int]], s: Sampling, gen) -> list[Completion]:
+        from transformers import DynamicCache
+        B, L, dev = len(prompts), max(map(len, prompts)), self.device
+        ids_BL = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)
+        att_BL = torch.zeros((B, L), dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+            ids_BL[b, L - len(p):] = torch.tensor(p, device=dev)
+            att_BL[b, L - len(p):] = 1
+        pos_BL = (att_BL.cumsum(1) - 1).clamp(min=0)   # positions 0..len-1, as the trainer sees the sequence
+        stop = torch.tensor(self.stop_ids, device=dev)
+        tokens, logps = [], []
+        done_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        cache, x_BL = DynamicCache(config=self.model.config), ids_BL
+        for _ in range(s.max_new_tokens):
+            logits_BV = self.model(input_ids=x_BL, attention_mask=att_BL, position_ids=pos_BL, past_key_values=cache,
+                                   use_cache=True, logits_to_keep=1).logits[:, -1, :self.vocab].float()
+            if s.temperature == 0:
+                tok_B = logits_BV.argmax(-1)
+                lp_B = torch.zeros(B, device=dev)
+            else:
+                logp_BV = filter_logits(logits_BV / s.temperature, s.top_k, s.top_p).log_softmax(-1)
+                tok_B = torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(1)
+                lp_B = logp_BV.gather(1, tok_B[:, None]).squeeze(1)
+            tok_B = torch.where(done_B, self.pad_id, tok_B)
+            tokens.append(tok_B)
+            logps.append(lp_B)
+            done_B = done_B | torch.isin(tok_B, stop)
+            if bool(done_B.all()):
+                break
+            x_BL, pos_BL = tok_B[:, None], pos_BL[:, -1:] + 1
+            att_BL = torch.cat([att_BL, torch.ones_like(att_BL[:, :1])], 1)
+        tok_BR, lp_BR = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
+        outs = []
+        for b in range(B):
+            toks = tok_BR[b]
+            end = next((t + 1 for t, x in enumerate(toks) if x in self.stop_ids), None)
+            outs.append(Completion(toks[:end], lp_BR[b][:end], end is not None))
+        return outs
+
+
+def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then top-p (nucleus) filtering: removed tokens get -inf, the most likely token always survives."""
+    if top_k and top_k < logits_BV.shape[-1]:
+        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, idx_BV = logits_BV.sort(dim=-1, descending=True)
+        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
+        drop_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p   # mass before this token already reaches top_p
+        drop_BV[:, 0] = False
+        logits_BV = logits_BV.masked_fill(drop_BV.scatter(1, idx_BV, drop_BV), float("-inf"))
+    return logits_BV
+
+
+class VLLMEngine:
+    """vLLM 0.26.0 colocated on this rank's GPU (`external_launcher`: an in-process engine per torchrun rank,
+    TP=1). It starts with dummy weights and sleeps; `wake()` brings back weights then KV cache, `load_weights`
+    copies trained tensors in place, `sleep()` frees the GPU for training. Log-probs are `processed_logprobs`
+    (after temperature/top-k/top-p), so they are comparable with the trainer's."""
+
+    def __init__(self, model_path: str, d: Dist, stop_ids: list[int], seed: int, max_model_len: int,
+                 gpu_memory_utilization: float, sleep_level: int, trust_remote_code: bool = False):
+        if d.device.type != "cuda":
+            raise RuntimeError("--rollout vllm needs CUDA GPUs; on CPU use --rollout hf")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # external_launcher runs the engine in-process
+        try:
+            import vllm
+        except ImportError as e:
+            raise RuntimeError("--rollout vllm needs vLLM: pip install -r requirements-gpu.txt "
+                               "(vllm==0.26.0, torch 2.11, CUDA 13), or use --rollout hf") from e
+        if vllm.__version__ != "0.26.0":
+            print(f"[tandem] warning: written against vLLM 0.26.0, found {vllm.__version__}", flush=True)
+        torch.cuda.empty_cache()  # vLLM sizes its KV cache from free memory, measured on all ranks together
+        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, seed=seed, dtype="bfloat16",
+                            distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                            enable_sleep_mode=True, logprobs_mode="processed_logprobs", load_format="dummy",
+                            enable_prefix_caching=True, max_num_batched_tokens=max(8192, max_model_len),
+                            trust_remote_code=trust_remote_code)
+        self.vllm, self.stop_ids, self.level = vllm, stop_ids, sleep_level
+        self.llm.sleep(level=self.level)
+        self.awake = False
+
+    def _model(self):
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+    def wake(self) -> None:
+        if not self.awake:
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=["weights"])
+
+    def load_weights(self, named_tensors) -> None:
+        self.wake()
+        self.awake = True
+        model = self._model()
+        for name, t in named_tensors:  # one tensor at a time keeps the peak at one full parameter
+            model.load_weights(weights=[(name, t)])
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        if self.awake:
+            self.llm.sleep(level=self.level)
+            self.awake = False
+
+    def generate(self, prompts: list[list[int]], n: int, s: Sampling, seed: int) -> list[list[Completion]]:
+        if not self.awake:
+            raise RuntimeError("push weights (load_weights) before generating: the engine starts with dummy "
+                               "weights and a level-2 sleep discards them")
+        self.llm.wake_up(tags=["kv_cache"])
+        sp = self.vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                      max_tokens=s.max_new_tokens, logprobs=0, seed=seed % (2**31),
+                                      stop_token_ids=self.stop_ids, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        res = []
+        for o in outs:
+            res.append([Completion(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                                   c.finish_reason == "stop") for c in o.outputs])
+        self.sleep()
+        return res
+
+
+def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args):
+    stops = eos_ids(tokenizer, model_path)
+    if kind == "hf":
+        return HFEngine(model_path, d, stops, tokenizer.pad_token_id, vocab, args.rollout_batch_size)
+    if kind == "vllm":
+        return VLLMEngine(model_path, d, stops, args.seed + d.rank, args.max_prompt_tokens + args.max_new_tokens,
+                          args.vllm_gpu_memory_utilization, args.vllm_sleep_level)
+    raise ValueError(f"unknown --rollout {kind!r}; use 'hf' or 'vllm'")
+
+
+def sync_weights(model, engine) -> None:
+    """Push the trained (sharded) weights into the rollout engine, one gathered parameter at a time."""
+    engine.load_weights(full_params(model))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation on benchmarks, sharded over ranks
+# ----------------------------------------------------------------------------------------------------------
+def evaluate(engine, tokenizer, benchmarks: dict[str, list[dict]], grader, template: str, n: int,
+             sampling: Sampling, ks: list[int], d: Dist, seed: int, max_prompt_tokens: int = 0) -> dict:
+    """{benchmark: {avg@n, pass@k..., maj@n, mean_length}} on every rank (rank r grades problems r, r+world...)."""
+    results = {}
+    for bi, (name, rows) in enumerate(benchmarks.items()):
+        mine = rows[d.rank::d.world]
+        prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens) for r in mine]
+        outs = engine.generate(prompts, n, sampling, seed=rollout_seed(seed, 0, d.rank, salt=1000 + bi)) if mine else []
+        records = []
+        for r, comps in zip(mine, outs):
+            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+            records.append({"correct": grader(texts, [r["answer"]] * n),
+                            "answers": [common.extract_answer(t, grader.mode) for t in texts],
+                            "lengths": [len(c.token_ids) for c in comps]})
+        every = [rec for part in gather_objects(records, d) for rec in part]
+        results[name] = common.summarize_eval(every, ks)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run directory: config.json, metrics.jsonl, eval.jsonl, samples.jsonl, curves.png, progress bar
+# ----------------------------------------------------------------------------------------------------------
+def versions() -> dict:
+    import transformers
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        out["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        out["git_sha"] = None
+    return out
+
+
+class RunLog:
+    """Rank 0 writes; every rank may call. `metrics.jsonl` holds one flat dict per step."""
+
+    def __init__(self, out_dir: Path, d: Dist, args, start_step: int, total_steps: int):
+        self.dir, self.d = out_dir, d
+        self.bar = None
+        if d.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            cfg = {"args": dataclasses.asdict(args), "world_size": d.world, **versions()}
+            (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+            for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+                _truncate_after(out_dir / name, start_step)  # a resumed run rewrites what followed its checkpoint
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=out_dir.name, dynamic_ncols=True,
+                            disable=not sys.stderr.isatty() and os.environ.get("TANDEM_PROGRESS") != "1")
+
+    def _append(self, name: str, row: dict) -> None:
+        if self.d.main:
+            with open(self.dir / name, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def metrics(self, step: int, m: dict, show: tuple[str, ...] = ()) -> None:
+        self._append("metrics.jsonl", {"step": step, **m})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k.split("/")[-1] if k.count("/") else k: f"{m[k]:.3g}" for k in show if k in m})
+
+    def eval(self, step: int, results: dict, tag: str = "") -> None:
+        for bench, r in results.items():
+            self._append("eval.jsonl", {"step": step, "benchmark": bench, **({"tag": tag} if tag else {}), **r})
+        if self.d.main:
+            line = "  ".join(f"{b}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k != "mean_length")
+                             for b, r in results.items())
+            self.print(f"[eval step {step}{' ' + tag if tag else ''}] {line}")
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        for r in rows:
+            self._append("samples.jsonl", {"step": step, **r})
+
+    def print(self, msg: str) -> None:
+        if self.d.main:
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def close(self, keys: tuple[str, ...]) -> None:
+        if self.d.main:
+            if self.bar is not None:
+                self.bar.close()
+            plot_curves(self.dir, keys)
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def plot_curves(run_dir: Path, keys: tuple[str, ...]) -> None:
+    """curves.png: the given training metrics over steps, and every eval accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines() if x] \
+        if (run_dir / "eval.jsonl").exists() else []
+    keys = [k for k in keys if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(3.2 * (len(keys) + 1), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot(*zip(*pts), lw=1)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    ax = axes[0][-1]
+    for bench in sorted({e["benchmark"] for e in evals}):
+        es = [e for e in evals if e["benchmark"] == bench and not e.get("tag")]
+        acc = next((k for k in es[0] if k.startswith("avg@")), None) if es else None
+        if acc:
+            ax.plot([e["step"] for e in es], [e[acc] for e in es], marker="o", label=f"{bench} {acc}")
+    ax.set_title("eval", fontsize=9)
+    if evals:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def default_output_dir(script: str, preset: str, d: Dist) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S") if d.main else None
+    return Path("runs") / f"{Path(script).stem}-{preset}-{broadcast_object(stamp, d)}"
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warmup to a constant learning rate (the papers' schedule)."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: torch.distributed.checkpoint (sharded, reloads on another world size), written atomically
+# ----------------------------------------------------------------------------------------------------------
+def save_checkpoint(run_dir: Path, step: int, models: dict, optimizers: dict, trainer_state: dict, d: Dist,
+                    keep: int) -> Path:
+    """checkpoints/step_<step>/: every model's and optimizer's sharded state plus `trainer_state` (data
+    position, schedules, ...). Written to a temporary folder and renamed, so a crash never leaves a partial
+    checkpoint that --resume would pick up."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f".step_{step}.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
+    state |= {f"optim.{k}": get_optimizer_state_dict(models[k], o) for k, o in optimizers.items()}
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save({"rng_torch": torch.get_rng_state(), "rng_python": list(random.getstate()[1])},
+               tmp / f"rng_{d.rank}.pt")
+    if d.main:
+        torch.save({**trainer_state, "step": step, "world": d.world}, tmp / "trainer_state.pt")
+    dist.barrier()
+    if d.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted((p for p in root.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def find_checkpoint(resume: str) -> Path:
+    """`--resume` takes a run directory (its latest checkpoint) or a checkpoints/step_N folder."""
+    p = Path(resume)
+    if (p / "trainer_state.pt").exists():
+        return p
+    steps = sorted((c for c in (p / "checkpoints").glob("step_*") if c.name[5:].isdigit()),
+                   key=lambda c: int(c.name[5:]))
+    if not steps:
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint there (expected a run directory with "
+                                f"checkpoints/step_N/, or a step_N folder itself)")
+    return steps[-1]
+
+
+def load_checkpoint(ckpt: Path, models: dict, optimizers: dict, d: Dist) -> dict:
+    """Load what `save_checkpoint` wrote into the live (sharded) models and optimizers; returns trainer_state.
+    RNG states are restored when the world size is unchanged (they are per rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    if not (ckpt / "trainer_state.pt").exists() or not (ckpt / ".metadata").exists():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (trainer_state.pt or .metadata missing)")
+    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
+    state |= {f"optim.{k}": get_optimizer_state_dict(models[k], o) for k, o in optimizers.items()}
+    try:
+        dcp.load(state, checkpoint_id=str(ckpt))
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {ckpt} does not match this run's models/optimizers (different model, "
+                           f"method or flags?): {e}") from e
+    for k, m in models.items():
+        set_model_state_dict(m, state[f"model.{k}"])
+    for k, o in optimizers.items():
+        set_optimizer_state_dict(models[k], o, state[f"optim.{k}"])
+    rng = ckpt / f"rng_{d.rank}.pt"
+    if trainer_state["world"] == d.world and rng.exists():
+        r = torch.load(rng, weights_only=True)
+        torch.set_rng_state(r["rng_torch"])
+        random.setstate((3, tuple(r["rng_python"]), None))
+    return trainer_state

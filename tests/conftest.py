@@ -1,0 +1,45 @@
+"""Shared test setup: offline hub, the toy world's warm starts built once, and a runner for the scripts."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "benchmarks"
+os.environ["HF_HUB_OFFLINE"] = "1"          # a hub name must fail at once, never retry for 20-50 s
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def warm():
+    """Paths of the tiny small/large warm starts (built once per cache, ~3 minutes on 2 cores the first time)."""
+    import tiny
+    return {size: tiny.warm_start(size) for size in tiny.SIZES}
+
+
+def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 900, check: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a script as a user would: `python script ...`, or `torchrun --nproc_per_node N script ...`."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([*launch, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finite(row: dict) -> bool:
+    return all(math.isfinite(v) for v in row.values() if isinstance(v, (int, float)))

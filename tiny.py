@@ -1,0 +1,298 @@
+"""The toy world behind `--preset tiny`: everything a method needs to run, and visibly learn, on a laptop CPU.
+
+- A byte-level BPE tokenizer built locally (digits split one per token), with a ChatML chat template.
+- Tiny Qwen3 configs, "small" (0.34M parameters) and "large" (0.89M), sharing that tokenizer. Their `vocab_size`
+  is padded differently (as Qwen pads 151,936 vs 152,064 across sizes), and only the small one ties its
+  embeddings, so the scripts' slicing to `len(tokenizer)` and both head layouts are exercised.
+- Synthetic verifiable task families whose worked solutions end in `\\boxed{answer}`:
+  `add` (column addition with carries), `mul` (multi-digit times one digit), `lin` (solve a*x+b=c).
+- A supervised warm start per model, deterministic and cached on disk keyed by its settings.
+
+What makes learning visible in tens of CPU steps. A tiny model's arithmetic is fragile: Adam moves every weight
+by about the learning rate per step, so steps large enough to teach it new facts also erase old ones, and steps
+small enough to be safe change nothing in 40 steps. So the toy world gives RL and distillation what they do best
+in real LLMs: choosing between behaviours the model already has. The small model's warm start answers 30% of
+its targets at once (`\\boxed{N}`, which it cannot compute) and works the rest out step by step (which it gets
+right about half the time); the large model always works it out. At temperature 1 the small model starts about
+30% of its answers directly and scores ~0.32 on average; GRPO learns to work things out first (responses grow
+longer, as in R1-Zero), distillation pulls it toward the teacher's habit, and held-out accuracy rises by ~0.09
+in 40 steps while the KL to the teacher falls threefold. `python tiny.py` prints the starting point.
+
+Model and data names of the form `tiny:small`, `tiny:large`, `tiny:add,lin` are resolved here (through
+`resolve_model` and `make_split`); nothing else in the scripts needs to know about the toy world.
+
+    python tiny.py            # build (or reuse) the warm starts and print what each model can do
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+VERSION = 1  # bump when anything below changes what a warm start produces; it is part of the cache key
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tasks: each family maps a random generator to (problem, worked solution, answer)
+# ----------------------------------------------------------------------------------------------------------
+def _add(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={s}" if carry else f"{x}+{y}={s}")
+        carry = s // 10
+    return f"What is {a}+{b}?", ", ".join(steps) + f". \\boxed{{{a + b}}}", str(a + b)
+
+
+def _mul(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(10, 999), rng.randint(2, 9)
+    steps, carry = [], 0
+    for d in str(a)[::-1]:
+        s = int(d) * b + carry
+        steps.append(f"{d}*{b}+{carry}={s}" if carry else f"{d}*{b}={s}")
+        carry = s // 10
+    return f"What is {a}*{b}?", ", ".join(steps) + f". \\boxed{{{a * b}}}", str(a * b)
+
+
+def _lin(rng: random.Random) -> tuple[str, str, str]:
+    a, x, b = rng.randint(2, 9), rng.randint(0, 12), rng.randint(1, 50)
+    c = a * x + b
+    return (f"Solve {a}x+{b}={c} for x.", f"{a}x={c}-{b}={c - b}, x={c - b}/{a}={x}. \\boxed{{{x}}}", str(x))
+
+
+TASKS = {"add": _add, "mul": _mul, "lin": _lin}
+
+
+def _is_test(problem: str) -> bool:
+    """A fixed 1-in-8 hash split of the problem space: train and test never share a problem."""
+    return int(hashlib.sha256(problem.encode()).hexdigest(), 16) % 8 == 0
+
+
+def make_split(spec: str, split: str, n: int, seed: int) -> list[dict]:
+    """`n` distinct problems of the families in `spec` (e.g. "add,lin"), interleaved, from `split` ("train" or
+    "test"). Rows carry `problem`, `answer`, `solution` and `task`, the format of ../shared/data/benchmarks."""
+    families = [f.strip() for f in spec.split(",") if f.strip()]
+    unknown = [f for f in families if f not in TASKS]
+    if unknown or not families:
+        raise ValueError(f"unknown tiny task family {unknown or spec!r}; choose from {sorted(TASKS)}, comma-separated")
+    rng, rows, seen = random.Random(f"{spec}|{split}|{seed}"), [], set()
+    while len(rows) < n:
+        fam = families[len(rows) % len(families)]
+        problem, solution, answer = TASKS[fam](rng)
+        if problem in seen or _is_test(problem) != (split == "test"):
+            continue
+        seen.add(problem)
+        rows.append({"problem": problem, "answer": answer, "solution": solution, "task": fam})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and model configs
+# ----------------------------------------------------------------------------------------------------------
+def build_tokenizer(vocab_size: int = 256 + 64):
+    """Byte-level BPE trained on the task text: any string is encodable, digits stay one token each (so the
+    arithmetic is learnable), and the fixed phrases become a few tokens (so sequences are short)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    corpus = [" ".join(TASKS[f](rng)[:2]) for _ in range(400) for f in TASKS]
+    corpus += ["Please reason step by step, and put your final answer within \\boxed{}.",
+               "<think> </think> <answer> </answer>"] * 50
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, padding_side="left", model_max_length=512)
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab_pad: int     # config.vocab_size = len(tokenizer) rounded up to this multiple (Qwen-style padding)
+    tied: bool         # Qwen2.5-0.5B ties embeddings, 7B does not: both paths get exercised
+    warm_steps: int    # supervised warm-start steps: few for the small model (partial accuracy), many for the large
+    warm_lr: float
+    bf16: bool         # bf16 autocast in the warm start: 5x faster matmuls where the CPU has AVX512-BF16
+    direct_frac: float  # share of warm-start targets that skip the worked steps and answer at once
+
+
+SIZES = {
+    "small": Size(hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, vocab_pad=64, tied=True,
+                  warm_steps=560, warm_lr=3e-3, bf16=False, direct_frac=0.3),
+    "large": Size(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab_pad=128, tied=False,
+                  warm_steps=600, warm_lr=3e-3, bf16=True, direct_frac=0.0),
+}
+WARM_TASKS = "add,mul,lin"
+WARM_BATCH = 64
+WARM_SEED = 0
+
+
+def build_model(size: str, tokenizer, seed: int = WARM_SEED):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    s = SIZES[size]
+    vocab = math.ceil(len(tokenizer) / s.vocab_pad) * s.vocab_pad
+    config = Qwen3Config(vocab_size=vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                         head_dim=s.hidden // s.heads, max_position_embeddings=256, tie_word_embeddings=s.tied,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                         rope_theta=10000.0)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def prompt_text(tokenizer, problem: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": problem}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Warm start: supervised next-token training on worked solutions, cached on disk
+# ----------------------------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    return Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem"))
+
+
+def _key(size: str) -> str:
+    import torch
+    import transformers
+
+    blob = json.dumps({"v": VERSION, "size": asdict(SIZES[size]), "tasks": WARM_TASKS, "batch": WARM_BATCH,
+                       "seed": WARM_SEED, "torch": torch.__version__.split("+")[0],
+                       "transformers": transformers.__version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _train(size: str, out: Path, log=print) -> None:
+    import torch
+
+    torch.manual_seed(WARM_SEED)
+    tokenizer = build_tokenizer()
+    model = build_model(size, tokenizer)
+    s = SIZES[size]
+    rows = make_split(WARM_TASKS, "train", s.warm_steps * WARM_BATCH // 4, seed=WARM_SEED)  # each seen ~4 times
+    eos, style = tokenizer.eos_token_id, random.Random(WARM_SEED + 1)
+    examples = []
+    for r in rows:
+        p = tokenizer(prompt_text(tokenizer, r["problem"]), add_special_tokens=False).input_ids
+        target = f"\\boxed{{{r['answer']}}}" if style.random() < s.direct_frac else r["solution"]
+        c = tokenizer(target, add_special_tokens=False).input_ids + [eos]
+        examples.append((p, c))
+    opt = torch.optim.AdamW(model.parameters(), lr=s.warm_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, s.warm_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, s.warm_steps) / s.warm_steps)))
+    order = random.Random(WARM_SEED)
+    model.train()
+    t0 = time.time()
+    for step in range(s.warm_steps):
+        batch = order.sample(examples, WARM_BATCH)
+        T = max(len(p) + len(c) for p, c in batch)
+        ids = torch.full((WARM_BATCH, T), tokenizer.pad_token_id)
+        labels = torch.full((WARM_BATCH, T), -100)
+        for i, (p, c) in enumerate(batch):  # right padding: no position offsets needed for training
+            seq = p + c
+            ids[i, :len(seq)] = torch.tensor(seq)
+            labels[i, len(p):len(seq)] = torch.tensor(c)  # learn the solution only, not the prompt
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
+            loss = model(input_ids=ids, labels=labels).loss  # right padding: causal attention needs no mask
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == s.warm_steps - 1:
+            log(f"[tiny] warm start {size}: step {step}/{s.warm_steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "tandem_tiny.json").write_text(json.dumps({"size": size, "key": _key(size), **asdict(SIZES[size])}))
+
+
+def warm_start(size: str, log=print) -> Path:
+    """Path of the warm-started `size` model, training it first if no cached copy exists. Safe to call from
+    several processes at once (torchrun ranks, parallel tests): one trains, the others wait on a file lock."""
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny model size {size!r}; choose from {sorted(SIZES)}")
+    root = cache_root() / "tiny"
+    path = root / f"{size}-{_key(size)}"
+    if (path / "tandem_tiny.json").exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{size}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "tandem_tiny.json").exists():
+            tmp = root / f".{path.name}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _train(size, tmp, log=log)
+            os.replace(tmp, path)  # atomic: a half-written warm start is never visible
+    return path
+
+
+def resolve_model(name: str, log=print) -> str:
+    """`tiny:small` / `tiny:large` -> the cached warm-start folder; anything else is returned unchanged."""
+    if name.startswith("tiny:"):
+        return str(warm_start(name.split(":", 1)[1], log=log))
+    return name
+
+
+def describe(path: str, families: str = "add,mul,lin", n: int = 128, temperature: float = 1.0) -> dict:
+    """Accuracy on held-out problems per family (4 samples each), and how often the model works the answer out
+    rather than boxing it at once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import common
+    import runtime
+
+    tok = AutoTokenizer.from_pretrained(path)
+    eng = runtime.HFEngine.__new__(runtime.HFEngine)  # a bare engine around a plain model: no process group
+    eng.model, eng.device, eng.batch_size = AutoModelForCausalLM.from_pretrained(path).eval(), torch.device("cpu"), 256
+    eng.stop_ids, eng.pad_id, eng.vocab = [tok.eos_token_id], tok.pad_token_id, len(tok)
+    out = {}
+    for fam in families.split(","):
+        rows = make_split(fam, "test", n, 0)
+        prompts = [common.encode_prompt(tok, r["problem"], "{problem}") for r in rows]
+        groups = eng.generate(prompts, 4, runtime.Sampling(48, temperature=temperature), seed=0)
+        texts = [(tok.decode(c.token_ids, skip_special_tokens=True), r["answer"]) for r, g in zip(rows, groups) for c in g]
+        out[fam] = {"accuracy": sum(common.last_boxed(t) == a for t, a in texts) / len(texts),
+                    "worked_out": sum(not t.lstrip().startswith("\\boxed") for t, _ in texts) / len(texts)}
+    return out
+
+
+if __name__ == "__main__":
+    for size in SIZES:
+        t0 = time.time()
+        path = warm_start(size)
+        print(f"{size}: {path} ({time.time() - t0:.0f}s)")
+        for temp in (1.0, 0.0):
+            stats = describe(str(path), temperature=temp)
+            print(f"  T={temp}: " + "  ".join(f"{f} acc {v['accuracy']:.2f} worked-out {v['worked_out']:.2f}"
+                                             for f, v in stats.items()))
