@@ -179,11 +179,7 @@ def kdrl_loss(logp_BT, old_logp_BT, teacher_logp_BT, adv_B, kdm_B, mask_BT, beta
 # Train loop
 # ----------------------------------------------------------------------------------------------------------
 def main(args: Args) -> None:
-    d = runtime.init_distributed()
-    runtime.seed_everything(args.seed)
-    ckpt = runtime.find_checkpoint(args.resume) if args.resume else None
-    out = Path(args.output_dir) if args.output_dir else ckpt.parent.parent if ckpt else \
-        runtime.default_output_dir(__file__, args.preset, d)
+    d, out, ckpt = runtime.start(args, __file__)
 
     # --- models and data ---------------------------------------------------------------------------------
     if args.teacher == "none" and (args.kd_coef > 0 or args.rl_coef == 0):
@@ -232,24 +228,20 @@ def main(args: Args) -> None:
 
         # --- rollout: G completions per prompt from the student (the rollout engine holds its latest weights)
         t0 = time.perf_counter()
-        probs = stream.next()
-        prompts = [common.encode_prompt(tok, r["problem"], args.prompt_template, args.max_prompt_tokens) for r in probs]
-        groups = engine.generate(prompts, args.group_size, train_sampling, runtime.rollout_seed(args.seed, step, d.rank))
-        comps = [c for g in groups for c in g]
-        prompt_B = [p for p in prompts for _ in range(args.group_size)]
+        ro = runtime.rollout(engine, tok, stream.next(), args.group_size, args.prompt_template, args.max_prompt_tokens,
+                             train_sampling, runtime.rollout_seed(args.seed, step, d.rank))
         timing["rollout"] = time.perf_counter() - t0
 
         # --- reward: verifier accuracy -> group advantages (Eq. 3) and the KD mask (Sec. 3.4)
         t0 = time.perf_counter()
-        texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-        correct_B = torch.tensor(grader(texts, [r["answer"] for r in probs for _ in range(args.group_size)]))
-        correct_PG = correct_B.view(len(probs), args.group_size)
+        correct_B = torch.tensor(grader(ro.texts, ro.answers))
+        correct_PG = correct_B.view(-1, args.group_size)
         adv_B = common.group_advantages(correct_PG, args.adv_scale).view(-1).to(d.device)
         kdm_B = kd_mask(correct_PG, args.kd_mask).reshape(-1).to(d.device)
         timing["reward"] = time.perf_counter() - t0
 
-        batch = common.Batch.of(prompt_B, [c.token_ids for c in comps], tok.pad_token_id, d.device)
-        engine_logp_BT = common.response_grid(prompt_B, [c.logprobs for c in comps], batch.T, d.device)
+        batch = ro.batch(tok.pad_token_id, d.device)
+        engine_logp_BT = ro.engine_logprobs(batch.T, d.device)
         mbs = list(batch.micro_batches(args.micro_batch_size))
         per_update = -(-len(mbs) // args.num_minibatches)
         updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
@@ -318,23 +310,17 @@ def main(args: Args) -> None:
         timing["step"] = time.perf_counter() - t_step
 
         # --- log
-        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)
-        n_tokens = float(sum(len(p) for p in prompt_B) + lengths.sum())
-        metrics = {**losses, **{k: v / batch.mask_BT.sum().item() for k, v in sums.items()},
+        metrics = {**losses, **{k: v / batch.mask_BT.sum().item() for k, v in sums.items()}, **ro.stats(),
                    "reward/mean": correct_B.mean().item(),
                    "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean().item(),
                    "kd/coef": beta, "kd/mask_frac": kdm_B.mean().item(), "policy/grad_norm": gnorm,
-                   "lr": opt.param_groups[0]["lr"], "response/mean_length": lengths.mean().item(),
-                   "response/max_length/max": lengths.max().item(),
-                   "response/truncated_frac": sum(not c.finished for c in comps) / len(comps),
-                   "sampling/logp_diff_max/max": diff_max, "perf/tokens_per_s": n_tokens / timing["step"],
+                   "lr": opt.param_groups[0]["lr"], "sampling/logp_diff_max/max": diff_max,
+                   "perf/tokens_per_s": ro.num_tokens / timing["step"],
                    **{f"timing_s/{k}": v for k, v in timing.items()}}
         if teacher is None:
             metrics = {k: v for k, v in metrics.items() if not k.startswith(("kl/teacher", "kd/", "timing_s/teacher"))}
         log.metrics(step + 1, runtime.all_reduce_mean(metrics, d), show=("reward/mean", "kl/teacher", "kd/coef"))
-        log.samples(step + 1, [{"prompt": probs[i // args.group_size]["problem"], "response": texts[i],
-                                "answer": probs[i // args.group_size]["answer"], "reward": correct_B[i].item()}
-                               for i in range(min(args.log_samples, len(texts)))])
+        log.samples(step + 1, ro.samples(correct_B.tolist(), args.log_samples))
 
         # --- eval, then checkpoint (so that a checkpoint implies its step's eval is logged)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.total_steps:

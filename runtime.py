@@ -100,6 +100,16 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local, device)
 
 
+def start(args, script: str):
+    """Process group, seeds, the checkpoint to resume from (if any) and the run directory."""
+    d = init_distributed()
+    seed_everything(args.seed)
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    out = Path(args.output_dir) if args.output_dir else ckpt.parent.parent if ckpt else \
+        default_output_dir(script, args.preset, d)
+    return d, out, ckpt
+
+
 def seed_everything(seed: int) -> None:
     """The same seed on every rank: model init and data order must agree; per-rank sampling diversity comes
     from the rollout seeds (`rollout_seed`), not from here."""
@@ -453,6 +463,49 @@ def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args
         return VLLMEngine(model_path, d, stops, args.seed + d.rank, args.max_prompt_tokens + args.max_new_tokens,
                           args.vllm_gpu_memory_utilization, args.vllm_sleep_level)
     raise ValueError(f"unknown --rollout {kind!r}; use 'hf' or 'vllm'")
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts on this rank: P problems, G completions each, flattened prompt-major to B = P*G."""
+    problems: list[dict]
+    prompts: list[list[int]]      # [B] prompt ids of each sequence
+    comps: list[Completion]       # [B]
+    texts: list[str]              # [B] decoded responses
+    G: int
+
+    @property
+    def answers(self) -> list[str]:
+        return [p["answer"] for p in self.problems for _ in range(self.G)]
+
+    def batch(self, pad_id: int, device) -> common.Batch:
+        return common.Batch.of(self.prompts, [c.token_ids for c in self.comps], pad_id, device)
+
+    def engine_logprobs(self, T: int, device) -> torch.Tensor:
+        """The engine's own log-probs on the batch grid: only for the trainer/engine mismatch metrics (and TIS)."""
+        return common.response_grid(self.prompts, [c.logprobs for c in self.comps], T, device)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts) + sum(len(c.token_ids) for c in self.comps)
+
+    def stats(self) -> dict:
+        lengths = [len(c.token_ids) for c in self.comps]
+        return {"response/mean_length": sum(lengths) / len(lengths), "response/max_length/max": float(max(lengths)),
+                "response/truncated_frac": sum(not c.finished for c in self.comps) / len(self.comps)}
+
+    def samples(self, rewards: list[float], n: int) -> list[dict]:
+        return [{"prompt": self.problems[i // self.G]["problem"], "response": self.texts[i],
+                 "answer": self.answers[i], "reward": rewards[i]} for i in range(min(n, len(self.texts)))]
+
+
+def rollout(engine, tokenizer, problems: list[dict], G: int, template: str, max_prompt_tokens: int,
+            sampling: Sampling, seed: int) -> Rollouts:
+    """G completions for each problem from `engine` (which holds the policy's latest weights)."""
+    prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens) for r in problems]
+    comps = [c for group in engine.generate(prompts, G, sampling, seed) for c in group]
+    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+    return Rollouts(problems, [p for p in prompts for _ in range(G)], comps, texts, G)
 
 
 def sync_weights(model, engine) -> None:

@@ -1,0 +1,92 @@
+"""Run a script under several configurations and seeds, and tabulate final held-out accuracy as mean ± std.
+
+    python bench/study.py kdrl.py --seeds 0 1 2 \\
+        --config "GRPO=--kd-coef 0 --teacher none" --config "KD-RKL=--rl-coef 0" --config "KDRL=" \\
+        -- --preset tiny --eval-every 0
+
+Every run writes to bench/out/<study>/<config>-s<seed>/; the table (markdown) and the raw numbers (JSON) go to
+bench/out/<study>/. The metric is each benchmark's avg@n at the last evaluated step, averaged over benchmarks
+(`mean`), next to the same model's step-0 evaluation where the run logged one.
+"""
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def final_eval(run: Path) -> tuple[dict, dict]:
+    rows = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if not r.get("tag")]
+    last = max(r["step"] for r in rows)
+
+    def acc(step):
+        out = {}
+        for r in rows:
+            if r["step"] == step:
+                out[r["benchmark"]] = next(v for k, v in r.items() if k.startswith("avg@"))
+                out[r["benchmark"] + ":length"] = r["mean_length"]
+        return out
+
+    return acc(last), (acc(0) if any(r["step"] == 0 for r in rows) else {})
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    common_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser()
+    ap.add_argument("script")
+    ap.add_argument("--config", action="append", required=True, help="NAME=extra flags (may be empty)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--name", default="")
+    ap.add_argument("--nproc", type=int, default=0, help="run each under torchrun with this many ranks")
+    a = ap.parse_args(argv)
+    study = ROOT / "bench" / "out" / (a.name or Path(a.script).stem)
+    study.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for cfg in a.config:
+        name, _, flags = cfg.partition("=")
+        for seed in a.seeds:
+            run = study / f"{name}-s{seed}"
+            launch = [sys.executable] if not a.nproc else \
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
+            cmd = [*launch, str(ROOT / a.script), *common_args, *shlex.split(flags), "--seed", str(seed),
+                   "--output-dir", str(run)]
+            t0 = time.time()
+            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                                 "HF_HUB_OFFLINE": "1"})
+            if p.returncode:
+                sys.exit(f"{name} seed {seed} failed:\n{p.stderr[-4000:]}")
+            last, first = final_eval(run)
+            results.setdefault(name, []).append({"seed": seed, "final": last, "start": first,
+                                                 "wall_s": time.time() - t0})
+            print(f"{name} seed {seed}: {last} ({time.time() - t0:.0f}s)", flush=True)
+    benches = sorted(k for k in next(iter(results.values()))[0]["final"] if ":" not in k)
+    lines = ["| config | " + " | ".join(benches) + " | mean | Δ vs step 0 | response length | wall s |",
+             "|---" * (len(benches) + 5) + "|"]
+    for name, runs in results.items():
+        means = [statistics.mean(r["final"][b] for b in benches) for r in runs]
+        deltas = [m - statistics.mean(r["start"][b] for b in benches) for m, r in zip(means, runs) if r["start"]]
+        length = [statistics.mean(r["final"][b + ":length"] for b in benches) for r in runs]
+        lines.append(f"| {name} | " + " | ".join(fmt([r["final"][b] for r in runs]) for b in benches) +
+                     f" | {fmt(means)} | {fmt(deltas) if deltas else '-'} | {statistics.mean(length):.1f} | "
+                     f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+    table = "\n".join(lines)
+    (study / "results.json").write_text(json.dumps(results, indent=1))
+    (study / "table.md").write_text(f"`{' '.join(sys.argv)}`, seeds {a.seeds}\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
