@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import random
 import shutil
@@ -123,7 +122,8 @@ def rollout_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
 
 
 def all_reduce_mean(metrics: dict[str, float], d: Dist) -> dict[str, float]:
-    """Average metrics over ranks; keys ending in /max or /min reduce by max or min."""
+    """Average metrics over ranks; keys ending in /max or /min reduce by max or min. Every rank must pass the
+    same keys (they are sorted, then reduced as one tensor per operation)."""
     if d.world == 1 or not metrics:
         return metrics
     keys = sorted(metrics)
@@ -215,8 +215,8 @@ def _fix_rotary_buffers(model) -> None:
 
 def load_model(path: str, d: Dist, *, trainable: bool, vocab: int, grad_ckpt: bool = False,
                trust_remote_code: bool = False):
-    """An FSDP2-sharded causal LM: `fully_shard` on each decoder layer and the root, bf16 compute with fp32
-    reduce on CUDA, fp32 on CPU. Rank 0 reads the weights; the other ranks start on the meta device and receive
+    """An FSDP2-sharded causal LM: `fully_shard` on each decoder layer and the root; on CUDA bf16 compute with
+    fp32 master weights and reduction (trained) or bf16 weights (frozen); fp32 on CPU. Rank 0 reads the weights; the other ranks start on the meta device and receive
     their shards by broadcast (no rank but 0 ever holds the whole model in CPU memory). A frozen model is put in
     eval mode with requires_grad off: no gradients, no optimizer state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -229,15 +229,18 @@ def load_model(path: str, d: Dist, *, trainable: bool, vocab: int, grad_ckpt: bo
         raise _hub_error(path, e) from e
     if config.vocab_size < vocab:
         raise ValueError(f"{path}: vocab_size {config.vocab_size} is smaller than the tokenizer ({vocab} tokens)")
+    # Trained models keep fp32 master weights (bf16 compute on CUDA); frozen ones are stored in bf16 on CUDA,
+    # which halves a teacher's memory and is what its forward computes in anyway.
+    cuda = d.device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and not trainable else torch.float32
     full = None
     if d.main:
-        full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                    trust_remote_code=trust_remote_code).state_dict()
+        full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).state_dict()
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if d.device.type == "cuda" else None
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and trainable else None
     kw = {"mp_policy": mp} if mp else {}
     for layer in model.get_decoder().layers:
         fully_shard(layer, **kw)
@@ -318,10 +321,7 @@ class HFEngine:
                 raise KeyError(f"rollout engine has no parameter {name!r}")
             self._params[name].copy_(t)
 
-    def sleep(self) -> None:
-        pass
-
-    def wake(self) -> None:
+    def sleep(self) -> None:  # an HF replica keeps its weights; nothing to free
         pass
 
     @torch.no_grad()
@@ -389,9 +389,11 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Te
 
 class VLLMEngine:
     """vLLM 0.26.0 colocated on this rank's GPU (`external_launcher`: an in-process engine per torchrun rank,
-    TP=1). It starts with dummy weights and sleeps; `wake()` brings back weights then KV cache, `load_weights`
-    copies trained tensors in place, `sleep()` frees the GPU for training. Log-probs are `processed_logprobs`
-    (after temperature/top-k/top-p), so they are comparable with the trainer's."""
+    TP=1). It starts with dummy weights, asleep. `load_weights` wakes the weights and copies trained tensors in
+    place; `generate` wakes the KV cache; `sleep()` (called by the script before each update) frees the GPU for
+    training. Log-probs are `processed_logprobs` (after temperature/top-k/top-p), comparable with the trainer's.
+    At sleep level 2 the weights are discarded, so every wake is followed by a full push (never a reload from
+    disk, which would silently generate with the initial weights)."""
 
     def __init__(self, model_path: str, d: Dist, stop_ids: list[int], seed: int, max_model_len: int,
                  gpu_memory_utilization: float, sleep_level: int, trust_remote_code: bool = False):
@@ -414,45 +416,41 @@ class VLLMEngine:
                             trust_remote_code=trust_remote_code)
         self.vllm, self.stop_ids, self.level = vllm, stop_ids, sleep_level
         self.llm.sleep(level=self.level)
-        self.awake = False
+        self.weights_awake = self.kv_awake = False
 
     def _model(self):
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
-    def wake(self) -> None:
-        if not self.awake:
+    def load_weights(self, named_tensors) -> None:
+        if not self.weights_awake:
             torch.cuda.empty_cache()
             self.llm.wake_up(tags=["weights"])
-
-    def load_weights(self, named_tensors) -> None:
-        self.wake()
-        self.awake = True
+            self.weights_awake = True
         model = self._model()
         for name, t in named_tensors:  # one tensor at a time keeps the peak at one full parameter
             model.load_weights(weights=[(name, t)])
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        if self.awake:
+        if self.weights_awake or self.kv_awake:
             self.llm.sleep(level=self.level)
-            self.awake = False
+            self.weights_awake = self.kv_awake = False
+            torch.cuda.empty_cache()
 
     def generate(self, prompts: list[list[int]], n: int, s: Sampling, seed: int) -> list[list[Completion]]:
-        if not self.awake:
-            raise RuntimeError("push weights (load_weights) before generating: the engine starts with dummy "
-                               "weights and a level-2 sleep discards them")
-        self.llm.wake_up(tags=["kv_cache"])
+        if not self.weights_awake:
+            raise RuntimeError("push weights (load_weights) before generating: the engine sleeps between updates "
+                               "and a level-2 sleep discards its weights")
+        if not self.kv_awake:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.kv_awake = True
         sp = self.vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                       max_tokens=s.max_new_tokens, logprobs=0, seed=seed % (2**31),
                                       stop_token_ids=self.stop_ids, detokenize=False)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        res = []
-        for o in outs:
-            res.append([Completion(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
-                                   c.finish_reason == "stop") for c in o.outputs])
-        self.sleep()
-        return res
+        return [[Completion(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
+                            c.finish_reason == "stop") for c in o.outputs] for o in outs]
 
 
 def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args):
@@ -518,18 +516,19 @@ def sync_weights(model, engine) -> None:
 # ----------------------------------------------------------------------------------------------------------
 def evaluate(engine, tokenizer, benchmarks: dict[str, list[dict]], grader, template: str, n: int,
              sampling: Sampling, ks: list[int], d: Dist, seed: int, max_prompt_tokens: int = 0) -> dict:
-    """{benchmark: {avg@n, pass@k..., maj@n, mean_length}} on every rank (rank r grades problems r, r+world...)."""
+    """{benchmark: {avg@n, pass@k..., maj@n, mean_length}} on every rank (rank r grades problems r, r+world...).
+    The sampling seed is the same at every evaluation step, so successive evaluations differ by the weights only
+    (common random numbers: less noise in the curve than independent draws)."""
     results = {}
     for bi, (name, rows) in enumerate(benchmarks.items()):
         mine = rows[d.rank::d.world]
         prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens) for r in mine]
         outs = engine.generate(prompts, n, sampling, seed=rollout_seed(seed, 0, d.rank, salt=1000 + bi)) if mine else []
-        records = []
-        for r, comps in zip(mine, outs):
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-            records.append({"correct": grader(texts, [r["answer"]] * n),
-                            "answers": [common.extract_answer(t, grader.mode) for t in texts],
-                            "lengths": [len(c.token_ids) for c in comps]})
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for comps in outs for c in comps]
+        correct = grader(texts, [r["answer"] for r in mine for _ in range(n)])  # one call: the workers run in parallel
+        records = [{"correct": correct[i * n:(i + 1) * n],
+                    "answers": [common.extract_answer(t, grader.mode) for t in texts[i * n:(i + 1) * n]],
+                    "lengths": [len(c.token_ids) for c in comps]} for i, comps in enumerate(outs)]
         every = [rec for part in gather_objects(records, d) for rec in part]
         results[name] = common.summarize_eval(every, ks)
     return results

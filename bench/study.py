@@ -5,12 +5,13 @@
         -- --preset tiny --eval-every 0
 
 Every run writes to bench/out/<study>/<config>-s<seed>/; the table (markdown) and the raw numbers (JSON) go to
-bench/out/<study>/. The metric is each benchmark's avg@n at the last evaluated step, averaged over benchmarks
+bench/out/<study>/. A finished run with the same command is reused, so an interrupted study resumes. The metric is each benchmark's avg@n at the last evaluated step, averaged over benchmarks
 (`mean`), next to the same model's step-0 evaluation where the run logged one.
 """
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -64,14 +65,20 @@ def main() -> None:
             cmd = [*launch, str(ROOT / a.script), *common_args, *shlex.split(flags), "--seed", str(seed),
                    "--output-dir", str(run)]
             t0 = time.time()
-            p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ,
-                                                                                 "HF_HUB_OFFLINE": "1"})
-            if p.returncode:
-                sys.exit(f"{name} seed {seed} failed:\n{p.stderr[-4000:]}")
+            done = run / "final" / "config.json"
+            if done.exists() and (run / "cmd.txt").exists() and (run / "cmd.txt").read_text() == shlex.join(cmd):
+                print(f"{name} seed {seed}: reusing the finished run in {run}", flush=True)  # resumable study
+            else:
+                p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if p.returncode:
+                    sys.exit(f"{name} seed {seed} failed:\n{p.stderr[-4000:]}")
+                (run / "cmd.txt").write_text(shlex.join(cmd))
+                (run / "wall_s.txt").write_text(f"{time.time() - t0:.1f}")
             last, first = final_eval(run)
-            results.setdefault(name, []).append({"seed": seed, "final": last, "start": first,
-                                                 "wall_s": time.time() - t0})
-            print(f"{name} seed {seed}: {last} ({time.time() - t0:.0f}s)", flush=True)
+            wall = float((run / "wall_s.txt").read_text()) if (run / "wall_s.txt").exists() else float("nan")
+            results.setdefault(name, []).append({"seed": seed, "final": last, "start": first, "wall_s": wall})
+            print(f"{name} seed {seed}: " + " ".join(f"{k}={v:.3f}" for k, v in last.items() if ":" not in k), flush=True)
     benches = sorted(k for k in next(iter(results.values()))[0]["final"] if ":" not in k)
     lines = ["| config | " + " | ".join(benches) + " | mean | Δ vs step 0 | response length | wall s |",
              "|---" * (len(benches) + 5) + "|"]

@@ -58,14 +58,14 @@ def main(out: Path, reload: bool) -> None:
     ref_grads = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         gfull = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        torch.testing.assert_close(gfull, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(gfull, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
     engine = runtime.HFEngine(str(path), d, [1], 0, 44, 8)
     opt.step()
     runtime.sync_weights(model, engine)
     full = dict(runtime.full_params(model))
     for name, t in engine.model.state_dict().items():
-        torch.testing.assert_close(t, full[name], msg=lambda m: f"engine {name}: {m}")
+        torch.testing.assert_close(t, full[name], msg=lambda m, name=name: f"engine {name}: {m}")
     runtime.save_checkpoint(out / "run", 1, {"m": model}, {"m": opt}, {"data": {}}, d, keep=2)
     if d.main:
         (out / "after_step.json").write_text(json.dumps({n: float(t.double().sum()) for n, t in full.items()}))

@@ -11,7 +11,7 @@ import torch
 import common
 import kdrl
 import runtime
-from conftest import ROOT, finite, read_jsonl, run_script
+from conftest import finite, read_jsonl, run_script
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--eval-every", "2", "--save-every", "2", "--eval-limit", "16",
          "--eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4")

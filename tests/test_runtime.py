@@ -9,7 +9,7 @@ import torch
 
 import common
 import runtime
-from conftest import ROOT, run_script
+from conftest import run_script
 from test_math import _tiny_model
 
 
@@ -99,3 +99,59 @@ def test_fsdp2_two_ranks_match_one_process_and_checkpoint_roundtrips(tmp_path):
     unsharded ones, weight sync reaches the engine, and a DCP checkpoint saved on 2 ranks reloads on 1 rank."""
     run_script("tests/fsdp_check.py", str(tmp_path), nproc=2, timeout=300)
     run_script("tests/fsdp_check.py", str(tmp_path), "--reload", timeout=300)
+
+
+class _FakeLLM:
+    """Records the calls the vLLM engine makes, with vLLM 0.26.0's output shapes (RequestOutput/CompletionOutput,
+    logprobs as one {token_id: Logprob} dict per position)."""
+
+    def __init__(self):
+        self.calls, self.weights = [], {}
+        runner = type("R", (), {"get_model": lambda _: type("M", (), {"load_weights": self._load})()})()
+        worker = type("W", (), {"model_runner": runner})()
+        self.llm_engine = type("E", (), {"model_executor": type("X", (), {"driver_worker": worker})()})()
+
+    def _load(self, weights):
+        for name, t in weights:
+            self.weights[name] = t
+        self.calls.append("load")
+
+    def wake_up(self, tags=None):
+        self.calls.append(f"wake:{','.join(tags)}")
+
+    def sleep(self, level=1):
+        self.calls.append(f"sleep:{level}")
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset")
+
+    def generate(self, prompts, sp, use_tqdm=False):
+        self.calls.append("generate")
+
+        def out(p):
+            toks = [p["prompt_token_ids"][0] + 1, 2]
+            logprobs = [{t: type("L", (), {"logprob": -0.5 * (i + 1)})()} for i, t in enumerate(toks)]
+            comp = type("C", (), {"token_ids": toks, "logprobs": logprobs, "finish_reason": "stop"})()
+            return type("O", (), {"outputs": [comp] * sp.n})()
+        return [out(p) for p in prompts]
+
+
+def test_vllm_engine_wakes_pushes_and_sleeps_in_order():
+    """The colocated engine's life cycle without a GPU: weights are woken and pushed before any generation (never
+    reloaded from disk), the KV cache wakes for generation, sleep frees both, generating asleep is an error."""
+    eng = runtime.VLLMEngine.__new__(runtime.VLLMEngine)
+    eng.llm, eng.stop_ids, eng.level = _FakeLLM(), [2], 2
+    eng.vllm = type("V", (), {"SamplingParams": lambda **kw: type("S", (), kw)()})
+    eng.weights_awake = eng.kv_awake = False
+    with pytest.raises(RuntimeError, match="push weights"):
+        eng.generate([[5]], 1, runtime.Sampling(4), seed=0)
+    eng.load_weights([("a", torch.ones(1)), ("b", torch.zeros(1))])
+    out = eng.generate([[5], [7]], 2, runtime.Sampling(4), seed=3)
+    eng.generate([[5]], 1, runtime.Sampling(4), seed=4)
+    eng.sleep()
+    assert eng.llm.calls == ["wake:weights", "load", "load", "reset", "wake:kv_cache", "generate", "generate",
+                             "sleep:2"]
+    assert [c.token_ids for c in out[1]] == [[8, 2], [8, 2]] and out[0][0].logprobs == [-0.5, -1.0]
+    assert out[0][0].finished
+    with pytest.raises(RuntimeError, match="push weights"):
+        eng.generate([[5]], 1, runtime.Sampling(4), seed=0)
