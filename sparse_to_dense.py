@@ -503,7 +503,7 @@ def main(args: Args) -> None:
         runtime.save_hf(model, toks[role], out / f"stage_{stage}", d)
         if d.main:
             summary = {"stage": stage, "trained": role, "init": src[stage][role], "rollouts_from": gen_role,
-                       "teacher": src[stage]["teacher"] if teacher is not None else None,
+                       "problems": len(data[stage]), "teacher": src[stage]["teacher"] if teacher is not None else None,
                        "steps": [offset[stage], offset[stage] + n_steps], "output": str(out / f"stage_{stage}"),
                        "eval": res}
             tmp = stage_done(out, stage).with_suffix(".tmp")
