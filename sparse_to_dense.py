@@ -167,9 +167,9 @@ PRESETS = {
                  eval_every=0),
     "tiny": dict(model="tiny:small", teacher="tiny:large", train_data="tiny:add,mul,lin", problem_key="problem",
                  answer_key="answer", prompt_template="{problem}", max_prompt_tokens=64,
-                 eval_data="tiny_add,tiny_mul,tiny_lin", eval_limit=128, eval_every=20, eval_samples=4,
-                 eval_temperature=1.0, eval_top_p=1.0, eval_top_k=0, eval_max_new_tokens=48, steps_1=20,
-                 steps_2a=20, steps_2b=20, steps_3=20, prompts_per_step=16, group_size=8, distill_prompts_per_step=32,
+                 eval_data="tiny_add,tiny_mul,tiny_lin", eval_limit=128, eval_every=10, eval_samples=4,
+                 eval_temperature=1.0, eval_top_p=1.0, eval_top_k=0, eval_max_new_tokens=48, steps_1=10,
+                 steps_2a=10, steps_2b=10, steps_3=20, prompts_per_step=16, group_size=8, distill_prompts_per_step=32,
                  max_new_tokens=48, lr=1e-4, teacher_lr=3e-5, num_minibatches=1, micro_batch_size=64, save_every=10,
                  grader_workers=1, logprob_chunk=4096),
 }

@@ -1,7 +1,7 @@
 """The Sparse-to-Dense study on the toy world: the full workflow against cold GRPO at equal student-side steps, the
 paper's three ablations and the stage-3 replay control, over seeds; mean ± std of held-out accuracy.
 
-    python bench/sparse_to_dense_study.py --seeds 0 1 2 --jobs 3 -- --preset tiny --eval-every 0
+    python bench/sparse_to_dense_study.py --seeds 0 1 2 --jobs 3 -- --preset tiny --eval-every 0 --eval-limit 64
 
 Each stage's output is a deterministic function of (seed, its input models): stage 1 has no inputs but the raw
 teacher, every stage seeds its own data order and rollouts by (seed, stage, step), never by the position of the
@@ -74,7 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (timings then include their contention)")
-    ap.add_argument("--student-steps", type=int, default=60, help="cold GRPO steps: the full workflow's 2a + 2b + 3")
+    ap.add_argument("--student-steps", type=int, default=40, help="cold GRPO steps: the full workflow's 2a + 2b + 3")
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     OUT.mkdir(parents=True, exist_ok=True)
     names = list(configs(Path("."), a.student_steps))
