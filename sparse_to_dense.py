@@ -6,12 +6,13 @@ dense bridge, after which the student may take sparse-reward steps of its own. F
 (`--stages 1,2a,2b,3`), each writing an HF-format model (`stage_<s>/`) that the next stage reads:
 
   (S1)  teacher GRPO on the labelled data, DAPO-style, no KL:
-            L_1  = −(1/Σ|o_i|) Σ_i Σ_t min(ρ_it·A_i, clip(ρ_it, 1−ε_low, 1+ε_high)·A_i),  A_i = (r_i − mean_G r)/std_G r
+            L_1  = −(1/Σ|o_i|) Σ_i Σ_t min(ρ_it·A_i, clip(ρ_it, 1−ε_low, 1+ε_high)·A_i)
+            A_i  = (r_i − mean_G r) / std_G r,   ρ_it = π_θ(o_it) / π_old(o_it)
   (S2a) forward-KL warmup on teacher rollouts y ~ π_T, full vocabulary, token-mean (enforces C2: the student
         covers the teacher's support before it samples for itself):
-            L_2a = E_{y~π_T} (1/|y|) Σ_t KL(π_T(·|s_t) ‖ π_θ(·|s_t))           --fkl-loss nll: −log π_θ(y_t|s_t)
+            L_2a = (1/Σ_i|y_i|) Σ_i Σ_t KL(π_T(·|s_it) ‖ π_θ(·|s_it)),  y_i ~ π_T   (nll: −log π_θ(y_it|s_it))
   (S2b) on-policy distillation on student rollouts y ~ π_θ, the exact reverse KL at every position:
-            L_2b = E_{y~π_θ} (1/|y|) Σ_t Σ_v π_θ(v|s_t) [log π_θ(v|s_t) − log π_T(v|s_t)]
+            L_2b = (1/Σ_i|y_i|) Σ_i Σ_t Σ_v π_θ(v|s_it) [log π_θ(v|s_it) − log π_T(v|s_it)],  y_i ~ π_θ
         --opd-loss sampled: the per-token log-ratio as a dense reward, A_t = log π_T(y_t) − log π_θ(y_t),
         in a REINFORCE loss −A_t·π_θ(y_t)/sg(π_θ(y_t)); both have the same expected gradient per position.
   (S3)  student GRPO (as S1) on held-out labels; `--stage3-data replay` is the matched control (the same number
@@ -52,7 +53,7 @@ Run:
     torchrun --nproc_per_node 8 sparse_to_dense.py --rollout vllm --stages 2b,3 --output-dir runs/s2d-s \\
         --teacher runs/s2d-t/stage_1 --model runs/s2d-t/stage_2a       # Qwen3-8B -> Qwen3-1.7B, 8 GPUs
     python sparse_to_dense.py --preset 1gpu                              # one 80 GB GPU, Qwen3-1.7B -> 0.6B
-    python sparse_to_dense.py --preset tiny                              # CPU, toy world, ~3 minutes
+    python sparse_to_dense.py --preset tiny                              # CPU, toy world, a few minutes
 """
 
 import dataclasses
@@ -147,11 +148,11 @@ class Args:
     teacher_lr: float = arg(1e-6, "AdamW learning rate of the teacher in stage 1")
     distill_prompts_per_step: int = arg(256, "prompts per step of stages 2a and 2b over all ranks")
     distill_group_size: int = arg(1, "rollouts per prompt in stages 2a and 2b")
-    fkl_loss: Literal["full", "nll"] = arg("full", "stage 2a: exact full-vocabulary KL(π_T‖π_θ) on teacher rollouts, "
-                                           "or nll = plain SFT on the teacher's samples (the baseline)")
-    opd_loss: Literal["full", "sampled"] = arg("full", "stage 2b: exact full-vocabulary KL(π_θ‖π_T) per position, or "
-                                               "sampled = log π_T − log π_θ of the sampled token as its advantage")
-    dual_clip: float = arg(10.0, "GRPO dual clip c: the loss of a negative-advantage token is capped at −c·A (0 = off)")
+    fkl_loss: Literal["full", "nll"] = arg("full", "stage 2a: exact full-vocabulary KL(π_T‖π_θ) on teacher "
+                                           "rollouts, or nll = plain SFT on the teacher's samples (the baseline)")
+    opd_loss: Literal["full", "sampled"] = arg("full", "stage 2b: exact full-vocabulary KL(π_θ‖π_T) per position, "
+                                               "or sampled = log π_T − log π_θ of the sampled token as its advantage")
+    dual_clip: float = arg(10.0, "GRPO dual clip c: a negative-advantage token's loss is capped at −c·A (0 = off)")
     stage3_data: Literal["heldout", "replay", "all"] = arg("heldout", "stage 3 labels: the held-out split, the "
                                                            "upstream split again (matched replay control), or all")
     heldout_frac: float = arg(0.2, "share of the training set held out for stage 3")
@@ -247,7 +248,8 @@ def parse_stages(spec: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 def grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab: int, args: Args) -> dict:
     """One GRPO rollout batch: group advantages, old log-probs (off-policy mini-batches only), clipped updates."""
-    adv_B = common.group_advantages(correct_B.view(-1, args.group_size), args.adv_scale).view(-1).to(batch.ids_BT.device)
+    correct_PG = correct_B.view(-1, args.group_size)
+    adv_B = common.group_advantages(correct_PG, args.adv_scale).view(-1).to(batch.ids_BT.device)
     mbs = list(batch.micro_batches(args.micro_batch_size))
     per_update = -(-len(mbs) // args.num_minibatches)
     updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
@@ -279,7 +281,6 @@ def grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab: int, args: 
         gnorm = runtime.clip_grad_norm(model, args.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    correct_PG = correct_B.view(-1, args.group_size)
     return {"loss/pg": loss_sum, **{k: v / batch.mask_BT.sum().item() for k, v in sums.items()},
             "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean().item(), "policy/grad_norm": gnorm,
             "sampling/logp_diff_max/max": diff_max}
@@ -455,7 +456,8 @@ def main(args: Args) -> None:
             # --- rollout: from the model that generates in this stage (it holds that model's latest weights)
             t0 = time.perf_counter()
             ro = runtime.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, args.max_prompt_tokens,
-                                 train_sampling, runtime.rollout_seed(args.seed, step, d.rank, salt=STAGES.index(stage) + 1))
+                                 train_sampling, runtime.rollout_seed(args.seed, step, d.rank,
+                                                                      salt=STAGES.index(stage) + 1))
             timing["rollout"] = time.perf_counter() - t0
 
             # --- reward: verifier accuracy (the GRPO signal in 1 and 3; only a metric in 2a and 2b)

@@ -228,16 +228,39 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
     assert p.returncode != 0 and "no finished stage and no checkpoint" in p.stderr
 
 
+def _kl_along_solutions(student_path, teacher_path, n=96):
+    """Exact per-token KL(π_S‖π_T), averaged over the worked solutions of held-out problems: a fixed set of
+    teacher-style sequences, so the number depends on the two models only (no sampling noise)."""
+    import tiny
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(teacher_path)
+    student = AutoModelForCausalLM.from_pretrained(student_path).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
+    rows = tiny.make_split("add,mul,lin", "test", n, 0)
+    prompts = [common.encode_prompt(tok, r["problem"], "{problem}") for r in rows]
+    resps = [tok(r["solution"], add_special_tokens=False).input_ids + [tok.eos_token_id] for r in rows]
+    b = common.Batch.of(prompts, resps, tok.pad_token_id, "cpu")
+    m = b.mask_BT[:, 1:].bool()
+    with torch.no_grad():
+        ls = student(input_ids=b.ids_BT).logits[:, :-1, :len(tok)][m]
+        lt = teacher(input_ids=b.ids_BT).logits[:, :-1, :len(tok)][m]
+    return common.kl_from_logits(ls, lt).mean().item()
+
+
 def test_bridge_learns(tmp_path, warm):
-    """The tiny preset's bridge alone (--stages 2a,2b, 20 + 20 steps from the raw tiny:large teacher). MEASURED"""
+    """The tiny preset's dense bridge alone (--stages 2a,2b: 10 forward-KL steps on teacher rollouts, then 10
+    on-policy distillation steps, from the raw tiny:large teacher). Measured over seeds 0-2 (the study's runs):
+    held-out accuracy (mean avg@4 over the three families, 64 problems each) rose from 0.32 to 0.37-0.41, and
+    the exact reverse KL to the teacher along held-out worked solutions fell from 0.26 to 0.13-0.16. The +0.03
+    and 0.75x thresholds leave the eval's run-to-run spread (about +-0.02) and a wide KL margin."""
     out = tmp_path / "run"
-    run_script("sparse_to_dense.py", "--preset", "tiny", "--stages", "2a,2b", "--output-dir", str(out),
-               "--save-every", "0")
+    run_script("sparse_to_dense.py", "--preset", "tiny", "--stages", "2a,2b", "--eval-limit", "64", "--save-every",
+               "0", "--output-dir", str(out))
     evals = read_jsonl(out / "eval.jsonl")
-    acc = {s: sum(e["avg@4"] for e in evals if e["step"] == s) / 3 for s in (0, 40)}
-    assert acc[40] >= acc[0] + 0.04, acc
-    rows = read_jsonl(out / "metrics.jsonl")
-    fkl = [r["kl/forward"] for r in rows if r["stage"] == "2a"]
-    rkl = [r["kl/reverse"] for r in rows if r["stage"] == "2b"]
-    assert sum(fkl[-5:]) < 0.6 * sum(fkl[:5]), fkl
-    assert sum(rkl[-5:]) < 0.6 * sum(rkl[:5]), rkl
+    acc = {s: sum(e["avg@4"] for e in evals if e["step"] == s) / 3 for s in (0, 20)}
+    assert acc[20] >= acc[0] + 0.03, acc
+    teacher, start = warm["large"], warm["small"]
+    kl_start, kl_end = _kl_along_solutions(start, teacher), _kl_along_solutions(out / "final", teacher)
+    assert kl_end < 0.75 * kl_start, (kl_start, kl_end)
+    rkl = [r["kl/reverse"] for r in read_jsonl(out / "metrics.jsonl") if r["stage"] == "2b"]
+    assert all(math.isfinite(x) and x >= 0 for x in rkl)
