@@ -412,6 +412,7 @@ def main(args: Args) -> None:
         runtime.sync_weights(model, engine(role))
         res = runtime.evaluate(engine(role), tok, benches, grader, args.prompt_template, args.eval_samples,
                                eval_sampling, [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens)
+        engine(role).sleep()  # free the GPU for training (vLLM); the next weight push wakes it
         log.eval(step, res, "teacher" if role == "teacher" else "")
         return res
 
@@ -441,9 +442,7 @@ def main(args: Args) -> None:
             state = runtime.load_checkpoint(ckpt, {role: model}, {role: opt}, d)
             stream.load_state_dict(state["data"])
             first = state["stage_step"]
-        gen_model = model if gen_role == role else teacher
-        gen_engine = engine(gen_role)
-        runtime.sync_weights(gen_model, gen_engine)
+        gen_model, gen_engine = model if gen_role == role else teacher, engine(gen_role)
         log.print(f"[stage {stage}] trains the {role} from {src[stage][role]}; rollouts from the {gen_role}; "
                   f"{len(data[stage])} problems, {per_step} x {G} per step, steps {first}->{n_steps}")
 
@@ -453,11 +452,17 @@ def main(args: Args) -> None:
             for g in opt.param_groups:
                 g["lr"] = runtime.lr_at(step, lr, args.lr_warmup_steps)
 
-            # --- rollout: from the model that generates in this stage (it holds that model's latest weights)
+            # --- weight sync: the engine gets the sampling model's current weights (vLLM discards them in sleep)
+            t0 = time.perf_counter()
+            runtime.sync_weights(gen_model, gen_engine)
+            timing["sync"] = time.perf_counter() - t0
+
+            # --- rollout: from the model that generates in this stage
             t0 = time.perf_counter()
             ro = runtime.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, args.max_prompt_tokens,
                                  train_sampling, runtime.rollout_seed(args.seed, step, d.rank,
                                                                       salt=STAGES.index(stage) + 1))
+            gen_engine.sleep()  # free the GPU for the update (vLLM); the next weight push wakes it
             timing["rollout"] = time.perf_counter() - t0
 
             # --- reward: verifier accuracy (the GRPO signal in 1 and 3; only a metric in 2a and 2b)
@@ -475,12 +480,6 @@ def main(args: Args) -> None:
                 metrics, t_teacher = distill_update(stage, model, teacher, opt, batch, engine_logp_BT, vocab, args)
                 timing["teacher"] = t_teacher
             timing["update"] = time.perf_counter() - t0 - t_teacher
-
-            # --- weight sync: only when the trained model is the one that samples
-            t0 = time.perf_counter()
-            if gen_role == role:
-                runtime.sync_weights(model, gen_engine)
-            timing["sync"] = time.perf_counter() - t0
             timing["step"] = time.perf_counter() - t_step
 
             # --- log
