@@ -438,7 +438,10 @@ class CodeVerifier:
                 proc.stdin.close()
                 proc.wait(timeout=self.timeout_s + 10.0)  # a backstop: the sandbox keeps its own time
             except (subprocess.TimeoutExpired, OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 proc.wait()
             with os.fdopen(read_fd, "rb") as f:
                 read_fd = -1

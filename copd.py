@@ -139,7 +139,7 @@ class Args:
     code_workers: int = arg(8, "code verifier: samples run at once per rank")
     code_timeout: float = arg(10.0, "code verifier: seconds per sample (wall clock; CPU time likewise)")
     code_memory_mb: int = arg(2048, "code verifier: address-space limit per sample")
-    code_heldout: int = arg(256, "problems held out of each code dataset as its benchmark (code:<dataset>)")
+    code_heldout: int = arg(256, "problems held out of each code dataset as its benchmark code:<dataset> (0 = none)")
 
 
 PRESETS = {
@@ -303,7 +303,10 @@ def main(args: Args) -> None:
     for k in range(K):
         r = common.load_problems(args.train_data[k], args.train_split, keys["problem_key"][k],
                                  keys["answer_key"][k], seed=args.seed)
-        if keys["verifiers"][k] == "code":  # the last rows are the code benchmark, never trained on
+        if keys["verifiers"][k] == "code" and args.code_heldout:  # the last rows: the code benchmark, never trained on
+            if len(r) <= args.code_heldout:
+                raise ValueError(f"{args.train_data[k]} has {len(r)} problems, not more than --code-heldout "
+                                 f"{args.code_heldout}: lower it (0 = no code benchmark)")
             r, code_benches[f"code:{args.train_data[k]}"] = r[:-args.code_heldout], r[-args.code_heldout:]
         rows.append([{**x, "branch": k} for x in r])
     # one stream per dataset for native prompts, one per (student, teacher) for cross prompts: independent orders

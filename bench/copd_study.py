@@ -99,18 +99,21 @@ def overlap_figure(study: Path, seeds: list[int], path: Path) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    curves = {"copd": "CoPD", "experts": "experts (no OPD)", "static_add_to_lin": "static OPD add → lin"}
+    curves = {"copd": "CoPD", "experts": "experts (no OPD)", "static_add_to_lin": "static OPD add → lin, after the experts"}
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 2.9))
     final = {}
     for c, label in curves.items():
         for ax, key in zip(axes, ("diag/overlap_top10", "diag/sym_kl")):
-            runs = [[(r["step"], r[key]) for r in read(study / f"{c}-s{s}" / "metrics.jsonl") if key in r]
-                    for s in seeds]
+            first = 0 if c != "static_add_to_lin" else json.loads(  # its first T steps are the experts run
+                (study / f"{c}-s{seeds[0]}" / "config.json").read_text())["args"]["total_steps"]
+            runs = [[(r["step"], r[key]) for r in read(study / f"{c}-s{s}" / "metrics.jsonl")
+                     if key in r and r["step"] >= first] for s in seeds]
             steps = [x for x, _ in runs[0]]
             ys = [[y for _, y in run] for run in runs]
             mean = [statistics.mean(v) for v in zip(*ys)]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*ys)]
-            ax.plot([0] + steps, [1.0 if "overlap" in key else 0.0] + mean, marker=".", lw=1.2, label=label)
+            start = [(0, 1.0 if "overlap" in key else 0.0)] if first == 0 else []  # the branches start equal
+            ax.plot([x for x, _ in start] + steps, [y for _, y in start] + mean, marker=".", lw=1.2, label=label)
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
             final[f"{c}:{key}"] = [y[-1] for y in ys]
     cfg = json.loads((study / f"copd-s{seeds[0]}" / "config.json").read_text())["args"]

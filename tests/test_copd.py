@@ -118,7 +118,7 @@ def _load_sd(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def _check_run(out, steps, branches, tags):
+def _check_run(out, steps, branches, tags, more_evals=frozenset()):
     for name in ("config.json", "metrics.jsonl", "eval.jsonl", "samples.jsonl", "curves.png", "final/config.json",
                  "final/model.safetensors", "final/tokenizer.json"):
         assert (out / name).exists(), name
@@ -129,7 +129,8 @@ def _check_run(out, steps, branches, tags):
                 "response/mean_length", *[f"branch{k}/reward" for k in range(branches)]):
         assert key in rows[0], key
     evals = read_jsonl(out / "eval.jsonl")
-    assert {(e["step"], e.get("tag", "")) for e in evals} == {(0, ""), (steps, "")} | {(steps, t) for t in tags}
+    assert {(e["step"], e.get("tag", "")) for e in evals} == {(0, ""), (steps, "")} | {(steps, t) for t in tags} | \
+        more_evals
     assert all(finite(e) and 0 <= e["avg@2"] <= 1 for e in evals)
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "final")
@@ -154,8 +155,8 @@ def test_end_to_end_python(tmp_path, warm):
 def test_end_to_end_torchrun_two_ranks_three_branches(tmp_path, warm):
     """Hub and spokes (K = 3, hub 0) on 2 gloo ranks: every branch sharded, prompts split by rank."""
     out = tmp_path / "run"
-    run_script("copd.py", *SMOKE, "--train-data", "tiny:add", "tiny:lin", "tiny:mul", "--output-dir", str(out),
-               nproc=2)
+    run_script("copd.py", *SMOKE, "--prompts-per-step", "8", "--train-data", "tiny:add", "tiny:lin", "tiny:mul",
+               "--output-dir", str(out), nproc=2)
     rows = _check_run(out, 4, 3, ["branch0", "branch1", "branch2"])
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert {"diag/overlap_top10/0-1", "diag/overlap_top10/0-2", "diag/sym_kl/0-2"} <= set(rows[-1])
@@ -172,12 +173,11 @@ def test_baseline_modes(tmp_path, warm, mode, steps, tags):
     out = tmp_path / mode
     run_script("copd.py", *SMOKE, "--total-steps", "2", "--mode", mode, "--static-opd-steps", "1", "--save-every", "0",
                "--output-dir", str(out))
-    rows = _check_run(out, steps, 1 if mode == "mixed" else 2, tags)
+    experts_evals = {(2, "branch0"), (2, "branch1")} if mode == "static_opd" else set()  # the experts, before OPD
+    rows = _check_run(out, steps, 1 if mode == "mixed" else 2, tags, experts_evals)
     if mode == "static_opd":
         assert [r["phase"] for r in rows] == [0.0, 0.0, 2.0]
         assert "branch1/kl_teacher" in rows[-1] and "branch0/loss" not in rows[-1]  # only the student learns
-        evals = read_jsonl(out / "eval.jsonl")
-        assert {e.get("tag") for e in evals if e["step"] == 2} == {"branch0", "branch1"}  # the experts
         b0 = _load_sd(out / "branches/branch0")
         for n, v in _load_sd(out / "final").items():
             torch.testing.assert_close(v, _load_sd(out / "branches/branch1")[n])
@@ -185,6 +185,25 @@ def test_baseline_modes(tmp_path, warm, mode, steps, tags):
     if mode == "mixed":
         assert not (out / "branches").exists() and all(r["phase"] == 0.0 for r in rows)
         assert "branch0/reward" in rows[0] and "branch1/reward" not in rows[0]
+
+
+def test_code_branch_end_to_end(tmp_path, warm):
+    """A math branch and a code branch (the paper preset's layout) on the toy model: the code branch's prompts, its
+    sandboxed pytest reward and its held-out benchmark (`code:<file>`) run end to end. The toy model writes no code,
+    so its code reward is 0; the verifier itself is tested in test_code_verifier.py."""
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Write f() returning {i}.",
+                                        "test": f"from solution import f\n\ndef test_f():\n    assert f() == {i}\n"})
+                            + "\n" for i in range(12)))
+    out = tmp_path / "run"
+    run_script("copd.py", *SMOKE, "--total-steps", "2", "--save-every", "0", "--train-data", "tiny:add", str(data),
+               "--verifiers", "math", "code", "--problem-key", "problem", "question", "--answer-key", "answer", "test",
+               "--code-heldout", "4", "--code-timeout", "5", "--code-workers", "2", "--output-dir", str(out))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["branch1/reward"] for r in rows] == [0.0, 0.0] and "kl/teacher" in rows[1]
+    evals = read_jsonl(out / "eval.jsonl")
+    assert {e["benchmark"] for e in evals} == {"tiny_add", "tiny_lin", f"code:{data}"}
+    assert all(e["avg@2"] == 0 for e in evals if e["benchmark"].startswith("code:"))
 
 
 def test_resume_continues_exactly(tmp_path, warm):
@@ -231,3 +250,23 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
     p = run_script("copd.py", "--preset", "tiny", "--beta", "1", "2", "3", "--output-dir", str(tmp_path / "x"),
                    check=False)
     assert p.returncode != 0 and "--beta has 3 values for 2 branches" in p.stderr
+
+
+def test_tiny_preset_learns(tmp_path, warm):
+    """The README's tiny run: CoPD on `add` and `lin` from `tiny:habits`, 2 branches × 40 steps. Measured over seeds
+    0-2 (bench/copd_study.py), the merged model gained +0.24 to +0.30 on add and +0.12 to +0.14 on lin (held-out
+    avg@4, 512 samples per family, whose run-to-run spread is about ±0.03); the +0.12 and +0.06 thresholds keep at
+    least twice that spread below the smallest measured gain. Mutual OPD pulled the branches back together in every
+    seed: the mean symmetric KL at the end of the Phase-II blocks was 0.66-0.77 of that at the end of the Phase-I
+    blocks, and O_10 never fell below 0.93."""
+    out = tmp_path / "run"
+    run_script("copd.py", "--preset", "tiny", "--output-dir", str(out), "--save-every", "0")
+    evals = read_jsonl(out / "eval.jsonl")
+    acc = {(e["step"], e["benchmark"]): e["avg@4"] for e in evals if not e.get("tag")}
+    assert acc[(40, "tiny_add")] >= acc[(0, "tiny_add")] + 0.12, acc
+    assert acc[(40, "tiny_lin")] >= acc[(0, "tiny_lin")] + 0.06, acc
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "diag/sym_kl" in r]
+    after_rl = [r["diag/sym_kl"] for r in rows if r["step"] % 10 == 6]
+    after_opd = [r["diag/sym_kl"] for r in rows if r["step"] % 10 == 0]
+    assert len(after_rl) == len(after_opd) == 4 and sum(after_opd) < sum(after_rl), (after_rl, after_opd)
+    assert min(r["diag/overlap_top10"] for r in rows) > 0.9
