@@ -140,6 +140,7 @@ class Size:
     warm_lr: float
     bf16: bool         # bf16 autocast in the warm start: 5x faster matmuls where the CPU has AVX512-BF16
     direct_frac: float  # share of warm-start targets that skip the worked steps and answer at once
+    habits: tuple = ()  # per-family bad habits ((family, "direct" | "unboxed", share), ...), see `_target`
 
 
 SIZES = {
@@ -147,6 +148,12 @@ SIZES = {
                   warm_steps=560, warm_lr=3e-3, bf16=False, direct_frac=0.3),
     "large": Size(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab_pad=128, tied=False,
                   warm_steps=600, warm_lr=3e-3, bf16=True, direct_frac=0.0),
+    # The small architecture with a *different* bad habit in each of two families, so that what RL fixes in one
+    # family is not what it fixes in the other (two capabilities, for co-training methods such as CoPD):
+    # `add` answers at once 60% of the time, `lin` works the answer out but leaves it unboxed 60% of the time.
+    "habits": Size(hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, vocab_pad=64, tied=True,
+                   warm_steps=560, warm_lr=3e-3, bf16=False, direct_frac=0.0,
+                   habits=(("add", "direct", 0.6), ("lin", "unboxed", 0.6))),
 }
 WARM_TASKS = "add,mul,lin"
 WARM_BATCH = 64
@@ -187,10 +194,30 @@ def _key(size: str) -> str:
     import torch
     import transformers
 
-    blob = json.dumps({"v": VERSION, "size": asdict(SIZES[size]), "tasks": WARM_TASKS, "batch": WARM_BATCH,
+    spec = asdict(SIZES[size])
+    if not spec["habits"]:
+        del spec["habits"]  # sizes without habits keep the cache keys they had before the field existed
+    blob = json.dumps({"v": VERSION, "size": spec, "tasks": WARM_TASKS, "batch": WARM_BATCH,
                        "seed": WARM_SEED, "torch": torch.__version__.split("+")[0],
                        "transformers": transformers.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _target(s: Size, row: dict, u: float) -> str:
+    """The warm-start target of one problem, given a uniform draw `u`: by default the worked solution, or a direct
+    `\\boxed{answer}` with probability `direct_frac`. A family's habit overrides that: "direct" answers at once,
+    "unboxed" writes the worked solution without its final `\\boxed{}` (so the verifier finds no answer)."""
+    habit = next(((h, share) for fam, h, share in s.habits if fam == row["task"]), None)
+    if habit is None:
+        return f"\\boxed{{{row['answer']}}}" if u < s.direct_frac else row["solution"]
+    kind, share = habit
+    if u >= share:
+        return row["solution"]
+    if kind == "direct":
+        return f"\\boxed{{{row['answer']}}}"
+    if kind == "unboxed":
+        return row["solution"].rsplit(" \\boxed{", 1)[0]
+    raise ValueError(f"unknown habit {kind!r}; use 'direct' or 'unboxed'")
 
 
 def _train(size: str, out: Path, log=print) -> None:
@@ -205,8 +232,7 @@ def _train(size: str, out: Path, log=print) -> None:
     examples = []
     for r in rows:
         p = tokenizer(prompt_text(tokenizer, r["problem"]), add_special_tokens=False).input_ids
-        target = f"\\boxed{{{r['answer']}}}" if style.random() < s.direct_frac else r["solution"]
-        c = tokenizer(target, add_special_tokens=False).input_ids + [eos]
+        c = tokenizer(_target(s, r, style.random()), add_special_tokens=False).input_ids + [eos]
         examples.append((p, c))
     opt = torch.optim.AdamW(model.parameters(), lr=s.warm_lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, s.warm_steps // 20)

@@ -1,0 +1,156 @@
+"""The CoPD toy study: CoPD against mixed RLVR, the two experts (and their plain merge) and static OPD in both
+directions, at matched total steps, over seeds, scored on both task families; with the branch-overlap curves.
+
+    python bench/copd_study.py --seeds 0 1 2 --jobs 3            # then paste bench/out/copd_study/table.md
+
+Every run is `copd.py --preset tiny --mode ...` (T = 40 steps per branch); runs go to bench/out/copd_study/<config>-s<seed>/
+and a finished run is reused. The table (markdown, mean ± std over seeds of held-out avg@4 at T = 1, 128 problems per
+family) goes to bench/out/copd_study/table.md, the raw numbers to results.json, and the figure (top-10 overlap and
+symmetric KL between the two branches over training, mean ± std) to bench/copd_overlap.png.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {  # name -> flags; T per branch is the tiny preset's 40 steps
+    "copd": [],
+    "experts": ["--mode", "experts"],
+    "mixed": ["--mode", "mixed"],
+    "static_add_to_lin": ["--mode", "static_opd", "--static-student", "1"],
+    "static_lin_to_add": ["--mode", "static_opd", "--static-student", "0"],
+}
+ROWS = [  # (label, config, tag of the evaluated model, whether it is the step-0 base)
+    ("base π_0 (`tiny:habits`)", "copd", "", True),
+    ("expert `add` (GRPO on add)", "experts", "branch0", False),
+    ("expert `lin` (GRPO on lin)", "experts", "branch1", False),
+    ("experts, merged (uniform average)", "experts", "", False),
+    ("mixed RLVR (one model, add ∪ lin)", "mixed", "", False),
+    ("static OPD add → lin (student: lin expert)", "static_add_to_lin", "", False),
+    ("static OPD lin → add (student: add expert)", "static_lin_to_add", "", False),
+    ("CoPD branch `add`, unmerged", "copd", "branch0", False),
+    ("CoPD branch `lin`, unmerged", "copd", "branch1", False),
+    ("**CoPD, merged**", "copd", "", False),
+]
+BENCHES = ("tiny_add", "tiny_lin")
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def run_all(study: Path, seeds: list[int], jobs: int, extra: list[str]) -> None:
+    todo = [(c, s) for c in CONFIGS for s in seeds if not (study / f"{c}-s{s}" / "final" / "config.json").exists()]
+    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    while todo or running:
+        while todo and len(running) < jobs:
+            c, s = todo.pop(0)
+            out = study / f"{c}-s{s}"
+            cmd = [sys.executable, str(ROOT / "copd.py"), "--preset", "tiny", "--save-every", "0", *CONFIGS[c], *extra,
+                   "--seed", str(s), "--output-dir", str(out)]
+            out.mkdir(parents=True, exist_ok=True)
+            log = open(out / "stdout.txt", "w")
+            running.append((c, s, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),
+                            time.time()))
+        time.sleep(5)
+        for item in list(running):
+            c, s, p, t0 = item
+            if p.poll() is not None:
+                running.remove(item)
+                if p.returncode:
+                    sys.exit(f"{c} seed {s} failed; see {study / f'{c}-s{s}' / 'stdout.txt'}")
+                print(f"{c} seed {s}: done in {time.time() - t0:.0f}s", flush=True)
+
+
+def fmt(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def accuracy(run: Path, tag: str, base: bool) -> dict:
+    evals = [e for e in read(run / "eval.jsonl") if e.get("tag", "") == tag]
+    step = 0 if base else max(e["step"] for e in evals)
+    return {e["benchmark"]: e["avg@4"] for e in evals if e["step"] == step}
+
+
+def table(study: Path, seeds: list[int]) -> tuple[str, dict]:
+    lines = ["| model | optimizer steps | tiny_add | tiny_lin | mean of both |", "|---|---|---|---|---|"]
+    raw = {}
+    for label, c, tag, base in ROWS:
+        accs = [accuracy(study / f"{c}-s{s}", tag, base) for s in seeds]
+        cfg = json.loads((study / f"{c}-s{seeds[0]}" / "config.json").read_text())["args"]
+        T = cfg["total_steps"]
+        steps = {"copd": f"2 × {T}", "experts": f"{T}" if tag else f"2 × {T}", "mixed": f"{2 * T}"}.get(
+            c, f"2 × {T} + {round(T * cfg['s_opd'] / (cfg['s_rl'] + cfg['s_opd']))}")
+        raw[label] = accs
+        cells = [fmt([a[b] for a in accs]) for b in BENCHES]
+        lines.append(f"| {label} | {'0' if base else steps} | " + " | ".join(cells) +
+                     f" | {fmt([sum(a[b] for b in BENCHES) / len(BENCHES) for a in accs])} |")
+    return "\n".join(lines), raw
+
+
+def overlap_figure(study: Path, seeds: list[int], path: Path) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = {"copd": "CoPD", "experts": "experts (no OPD)", "static_add_to_lin": "static OPD add → lin, after the experts"}
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 2.9))
+    final = {}
+    for c, label in curves.items():
+        for ax, key in zip(axes, ("diag/overlap_top10", "diag/sym_kl")):
+            first = 0 if c != "static_add_to_lin" else json.loads(  # its first T steps are the experts run
+                (study / f"{c}-s{seeds[0]}" / "config.json").read_text())["args"]["total_steps"]
+            runs = [[(r["step"], r[key]) for r in read(study / f"{c}-s{s}" / "metrics.jsonl")
+                     if key in r and r["step"] >= first] for s in seeds]
+            steps = [x for x, _ in runs[0]]
+            ys = [[y for _, y in run] for run in runs]
+            mean = [statistics.mean(v) for v in zip(*ys)]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*ys)]
+            start = [(0, 1.0 if "overlap" in key else 0.0)] if first == 0 else []  # the branches start equal
+            ax.plot([x for x, _ in start] + steps, [y for _, y in start] + mean, marker=".", lw=1.2, label=label)
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+            final[f"{c}:{key}"] = [y[-1] for y in ys]
+    cfg = json.loads((study / f"copd-s{seeds[0]}" / "config.json").read_text())["args"]
+    cycle = cfg["s_rl"] + cfg["s_opd"]
+    for ax, title in zip(axes, ("top-10 overlap O_10 between the branches", "symmetric KL between the branches")):
+        for start in range(cfg["s_rl"], cfg["total_steps"], cycle):  # CoPD's Phase II (mutual OPD) windows
+            ax.axvspan(start, start + cfg["s_opd"], color="0.9", lw=0)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step (per branch; shaded: CoPD Phase II)", fontsize=8)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return final
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=3, help="runs at once (each uses one thread)")
+    ap.add_argument("--name", default="copd_study")
+    ap.add_argument("extra", nargs="*", help="flags added to every run (after --)")
+    a = ap.parse_args()
+    study = ROOT / "bench" / "out" / a.name
+    t0 = time.time()
+    run_all(study, a.seeds, a.jobs, a.extra)
+    md, raw = table(study, a.seeds)
+    final = overlap_figure(study, a.seeds, ROOT / "bench" / "copd_overlap.png")
+    diag = "\n".join(f"- {k}: {fmt(v)}" for k, v in final.items())
+    text = (f"`python bench/copd_study.py --seeds {' '.join(map(str, a.seeds))}`"
+            f"{' -- ' + ' '.join(a.extra) if a.extra else ''}, {time.time() - t0:.0f}s\n\n{md}\n\n"
+            f"Branch divergence at the end of training (mean ± std over seeds):\n{diag}\n")
+    (study / "table.md").write_text(text)
+    (study / "results.json").write_text(json.dumps({"accuracy": raw, "final_divergence": final}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

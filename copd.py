@@ -1,0 +1,546 @@
+"""CoPD: Co-Evolving Policy Distillation (Gu, Yang, Si et al., arXiv 2604.27083).
+
+K branches start from one base π_0, one capability (dataset D_k, verifier r_k) each, and alternate for N cycles (Alg. 1):
+
+    Phase I  (S_RL steps):  every branch runs GRPO on its own data                                     (Eq. rlvr)
+    Phase II (S_OPD steps): every step of branch k is ONE update over a native GRPO batch on D_k plus a cross batch:
+                            k samples the partner j's prompts x' ~ D_j and gets the token advantage
+                            Â_t = β_k · δ_t,  δ_t = log π_θj(y_t | x', y_<t) − log π_θk(y_t | x', y_<t)  (Eq. delta)
+                            scored by the partner's live weights before any branch updates that step.
+    End:                    θ* = (1/K) Σ_k θ_k, a uniform merge saved in HF format.
+
+Both batches enter the same PPO-clip surrogate (ε 0.2/0.28), token-mean over the combined batch, no KL term. For K ≥ 3
+the branches form a hub and spokes: a spoke learns from the hub, the hub from every spoke (its cross budget split
+equally). The paper tracks top-10 overlap O_10 and symmetric KL between branches; here they are computed on fresh
+on-policy rollouts of every branch on every dataset at the end of each phase, logged (diag/*) and plotted.
+
+Baselines at matched total steps (--mode), with T = --total-steps optimizer steps per branch:
+    copd         K branches × T steps (N = T / (S_RL + S_OPD) cycles), merged                    K·T updates
+    experts      K experts × T steps of GRPO on their own data; also merged (weight averaging)  K·T updates
+    mixed        one model, K·T GRPO steps on the union (each batch 1/K from every dataset)     K·T updates
+    static_opd   the K = 2 experts (T steps each), then the student (--static-student) learns
+                 from the other, frozen, by pure OPD on the teacher's data for one extra stage  K·T + T_opd updates
+
+Reconstructions of what the paper leaves open (../shared/research/papers_copd.md, ../shared/PAPERS.md):
+  1. Text branches: math (Polaris-53K, math-verify) and code (KodCode-Light-RL-10K: the last ```python block is run
+     against the problem's pytest file in a sandbox, common.CodeVerifier); Qwen3-4B-Instruct-2507 for the paper's
+     Qwen3-VL-4B-Instruct; 256 prompts × 8, lr 1e-6 constant, T 1.0, max 16,384 response tokens in training.
+  2. β = 1; S_RL : S_OPD = 15 : 10 (the paper's best ratio, 1.5 : 1; absolute values not given); T = 200 steps per
+     branch; the cross batch is half of each Phase-II step's prompts (same prompts per step as Phase I).
+  3. δ's student term is the rollout-time log-prob, detached (one update per batch: the same as the live one).
+  4. Teachers are live: every teacher scores with the weights it had before the step's updates (the paper's
+     commented-out "freeze teacher states" line is not implemented).
+  5. Merge: uniform average of the branches (--merge-weights for a weighted one); T_opd = T·S_OPD/(S_RL+S_OPD).
+  6. Symmetric KL = KL(p‖q) + KL(q‖p) over the full vocabulary, averaged over response tokens; O_k = |top_k(p) ∩
+     top_k(q)| / k; both on 1 sample from each branch for --diag-prompts prompts of every dataset.
+  7. Evaluation: math avg@4 at T 0.7, top-p 0.8, top-k 20 (the authors' validation settings) on MATH-500, AIME 24/25,
+     Minerva; code pass rate on a held-out slice of the code data (--code-heldout), same sampling.
+Deviations: none in the objective. One rollout engine serves every branch: each branch's weights are pushed into it
+before its rollouts (vLLM allows one engine per process), so a step costs K weight pushes.
+
+Run:
+    torchrun --nproc_per_node 8 copd.py --rollout vllm          # paper setup: math + code branches, 8 GPUs
+    python copd.py --preset 1gpu --rollout vllm                 # one 80 GB GPU, a 1.5B model
+    python copd.py --preset tiny                                # CPU toy world: add and lin as the two capabilities
+    python copd.py --preset tiny --mode mixed                   # a baseline: mixed RLVR at the same total steps
+"""
+
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+import common
+import runtime
+from runtime import arg
+
+
+@dataclass
+class Args:
+    # --- run -------------------------------------------------------------------------------------------
+    preset: str = arg("paper", "bundle of defaults: paper | 1gpu | tiny (CPU toy world); explicit flags win")
+    output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
+    resume: str = arg("", "continue a run: its directory (latest checkpoint) or a checkpoints/step_N folder")
+    seed: int = arg(0, "seed for model init, data order and rollouts")
+    # --- policy and data (one value for every branch, or one per branch) --------------------------------
+    model: str = arg("Qwen/Qwen3-4B-Instruct-2507", "base model π_0 every branch starts from: hub name, folder, tiny:*")
+    train_data: list[str] = arg(["POLARIS-Project/Polaris-Dataset-53K", "KodCode/KodCode-Light-RL-10K"],
+                                "one dataset per branch (hub dataset, .jsonl file, or tiny:<families>); K = their count")
+    train_split: str = arg("train", "split of every --train-data")
+    problem_key: list[str] = arg(["problem", "question"], "column holding the problem text (one, or one per branch)")
+    answer_key: list[str] = arg(["answer", "test"], "column holding the gold answer, or a code branch's pytest file")
+    prompt_template: list[str] = arg(
+        ["{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
+         "{problem}\n\nWrite your solution as one Python code block (```python ... ```)."],
+        "user message per branch; {problem} is filled in")
+    answer_format: Literal["boxed", "answer_tag"] = arg("boxed", "where a math branch's final answer is read from")
+    max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens")
+    # --- evaluation ------------------------------------------------------------------------------------
+    eval_data: str = arg("math500,aime24,aime25,minerva_math",
+                         "comma-separated math benchmarks (names, .jsonl paths, tiny_<family>)")
+    eval_data_dir: str = arg("", "folder with <benchmark>.jsonl files, used before the hub")
+    eval_limit: int = arg(0, "evaluate on the first N problems of each benchmark (0 = all)")
+    eval_every: int = arg(50, "evaluate every branch every N steps (and the base at 0, the final model at the end)")
+    eval_samples: int = arg(4, "samples per problem: avg@n, pass@k, maj@n")
+    eval_temperature: float = arg(0.7, "evaluation sampling temperature")
+    eval_top_p: float = arg(0.8, "evaluation top-p")
+    eval_top_k: int = arg(20, "evaluation top-k (0 = off)")
+    eval_max_new_tokens: int = arg(16384, "evaluation response budget")
+    # --- rollouts --------------------------------------------------------------------------------------
+    total_steps: int = arg(200, "T: optimizer steps per branch (mixed runs K·T, static_opd adds T_opd)")
+    prompts_per_step: int = arg(256, "P: prompts per branch per step over all ranks (native + cross in Phase II)")
+    group_size: int = arg(8, "G: completions per prompt")
+    max_new_tokens: int = arg(16384, "response budget in training")
+    temperature: float = arg(1.0, "rollout temperature")
+    top_p: float = arg(1.0, "rollout top-p")
+    top_k: int = arg(0, "rollout top-k (0 = off)")
+    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU) or hf (any device)")
+    rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
+    vllm_gpu_memory_utilization: float = arg(0.3, "vllm engine: its share of GPU memory")
+    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them")
+    # --- optimisation ----------------------------------------------------------------------------------
+    lr: float = arg(1e-6, "AdamW learning rate (every branch)")
+    lr_warmup_steps: int = arg(0, "linear warmup steps")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    micro_batch_size: int = arg(8, "sequences per forward/backward")
+    num_minibatches: int = arg(1, "optimizer steps per rollout batch (1 = on-policy, as in the paper)")
+    clip_low: float = arg(0.2, "PPO clip ε_low")
+    clip_high: float = arg(0.28, "PPO clip ε_high")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = arg("token-mean",
+                                                                                            "loss aggregation")
+    adv_scale: Literal["std", "none"] = arg("std", "group advantage: std-normalised (GRPO) or none (Dr. GRPO)")
+    grad_checkpointing: bool = arg(True, "activation checkpointing of decoder layers (CUDA only)")
+    logprob_chunk: int = arg(1024, "tokens per chunk of LM head + log-softmax")
+    # --- bookkeeping -----------------------------------------------------------------------------------
+    save_every: int = arg(50, "checkpoint every N steps (0 = never)")
+    keep_checkpoints: int = arg(2, "checkpoints kept on disk")
+    log_samples: int = arg(2, "rollouts per rank and branch written to samples.jsonl each step")
+    grader_workers: int = arg(2, "math-verify worker processes per rank")
+    grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
+    # --- CoPD --------------------------------------------------------------------------------------------
+    mode: Literal["copd", "experts", "mixed", "static_opd"] = arg("copd", "the method or a baseline (see docstring)")
+    verifiers: list[str] = arg(["math", "code"], "reward per branch: math (math-verify) or code (sandboxed pytest)")
+    s_rl: int = arg(15, "S_RL: Phase-I (branch GRPO) steps per cycle")
+    s_opd: int = arg(10, "S_OPD: Phase-II (GRPO + mutual OPD) steps per cycle")
+    beta: list[float] = arg([1.0], "β_k: weight of the cross-branch advantage (Eq. delta), one or one per branch")
+    cross_frac: float = arg(0.5, "share of a Phase-II step's prompts that are the partner's (the cross batch)")
+    phase2_native_rl: bool = arg(True, "keep native GRPO in Phase II (off: a pure-OPD Phase II)")
+    hub: int = arg(0, "K ≥ 3: the hub branch of the hub-and-spoke topology")
+    static_student: int = arg(1, "static_opd: the expert that learns from the other, frozen one")
+    static_opd_steps: int = arg(0, "static_opd: T_opd, steps of the extra OPD stage (0 = T·S_OPD/(S_RL+S_OPD))")
+    merge_weights: list[float] = arg([], "weights of the final merge, one per branch (empty = uniform 1/K)")
+    overlap_k: int = arg(10, "k of the top-k overlap diagnostic O_k")
+    diag_prompts: int = arg(32, "prompts per dataset for the O_k / symmetric-KL diagnostics (0 = off)")
+    code_workers: int = arg(8, "code verifier: samples run at once per rank")
+    code_timeout: float = arg(10.0, "code verifier: seconds per sample (wall clock; CPU time likewise)")
+    code_memory_mb: int = arg(2048, "code verifier: address-space limit per sample")
+    code_heldout: int = arg(256, "problems held out of each code dataset as its benchmark code:<dataset> (0 = none)")
+
+
+PRESETS = {
+    "paper": {},
+    "1gpu": dict(model="Qwen/Qwen2.5-1.5B-Instruct", prompts_per_step=32, max_new_tokens=4096,
+                 eval_max_new_tokens=4096, max_prompt_tokens=1024, micro_batch_size=4, eval_data="math500,minerva_math",
+                 code_heldout=128, eval_every=50),
+    "tiny": dict(model="tiny:habits", train_data=["tiny:add", "tiny:lin"], problem_key=["problem"],
+                 answer_key=["answer"], prompt_template=["{problem}"], verifiers=["math"], max_prompt_tokens=64,
+                 eval_data="tiny_add,tiny_lin", eval_limit=128, eval_every=0, eval_samples=4, eval_temperature=1.0,
+                 eval_top_p=1.0, eval_top_k=0, eval_max_new_tokens=48, total_steps=40, s_rl=6, s_opd=4,
+                 prompts_per_step=16, group_size=8, max_new_tokens=48, lr=1e-4, weight_decay=0.0, micro_batch_size=64,
+                 save_every=20, grader_workers=1, logprob_chunk=4096, diag_prompts=32),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The method: Algorithm 1's schedule, the cross-branch advantage (Eq. delta), the loss, the merge, the diagnostics
+# ----------------------------------------------------------------------------------------------------------
+def phase_at(step: int, args: Args) -> str:
+    """Algorithm 1: cycles of S_RL Phase-I steps ("rl") then S_OPD Phase-II steps ("opd"); the baselines' stages."""
+    if args.mode in ("experts", "mixed"):
+        return "rl"
+    if args.mode == "static_opd":
+        return "rl" if step < args.total_steps else "static"
+    return "rl" if step % (args.s_rl + args.s_opd) < args.s_rl else "opd"
+
+
+def teachers_of(k: int, K: int, args: Args) -> list[int]:
+    """Whose prompts branch k samples in Phase II, and who scores them: the partner (K = 2); hub and spokes for
+    K ≥ 3 (a spoke learns from the hub, the hub from every spoke); static_opd: the frozen other expert."""
+    if args.mode == "static_opd":
+        return [1 - k]
+    if K == 2:
+        return [1 - k]
+    return [j for j in range(K) if j != k] if k == args.hub else [args.hub]
+
+
+def batch_plan(k: int, phase: str, K: int, args: Args) -> list[tuple[str, int, int]]:
+    """The parts of branch k's batch this step: (kind, dataset, number of prompts). Phase I: P native prompts.
+    Phase II: P·(1 − cross_frac) native + P·cross_frac on the teachers' datasets, split equally."""
+    P = args.prompts_per_step
+    if args.mode == "mixed":
+        return [("native", j, P // K) for j in range(K)]
+    if phase == "rl":
+        return [("native", k, P)]
+    teachers = teachers_of(k, K, args)
+    cross = P if phase == "static" or not args.phase2_native_rl else round(P * args.cross_frac)
+    plan = [("native", k, P - cross)] if cross < P else []
+    return plan + [("cross", j, cross // len(teachers)) for j in teachers]
+
+
+def cross_advantages(teacher_logp_BT, old_logp_BT, beta: float) -> torch.Tensor:
+    """Eq. delta: Â_t = β_k · (log π_θj(y_t) − log π_θk(y_t)) on branch k's own tokens; π_θk's term is the
+    rollout-time log-prob, detached, so Â is a fixed per-token reward inside the surrogate."""
+    return beta * (teacher_logp_BT - old_logp_BT).detach()
+
+
+def copd_loss(logp_BT, old_logp_BT, adv_BT, mask_BT, norm, args: Args):
+    """One micro-batch of a branch's update: the clipped surrogate with per-token advantages (the group advantage A_i
+    on native rows, β·δ_t on cross rows), aggregated over the combined native + cross batch."""
+    pg_BT, low_BT, high_BT = common.ppo_clip_loss(logp_BT, old_logp_BT, adv_BT, args.clip_low, args.clip_high)
+    return common.agg_loss(pg_BT, mask_BT, args.loss_agg, norm), low_BT, high_BT
+
+
+@torch.no_grad()
+def merge_into(target, models: list, weights: list[float]) -> None:
+    """θ* = Σ_k w_k θ_k (w_k = 1/K: the paper's "simple parameter merging"), shard by shard: all branches share
+    one architecture and one FSDP2 layout, so each rank averages its own shards and no communication is needed.
+    `target` may be one of `models`."""
+    params = [dict(m.named_parameters()) for m in models]
+    for name, p in target.named_parameters():
+        p.copy_(sum(w * ps[name] for w, ps in zip(weights, params)))
+
+
+def overlap_and_sym_kl(h_a_NH, head_a, h_b_NH, head_b, vocab: int, k: int, chunk: int):
+    """Per response position, the top-k overlap O_k = |top_k(p_a) ∩ top_k(p_b)| / k and the symmetric KL
+    KL(p_a‖p_b) + KL(p_b‖p_a) = Σ_v (p_a − p_b)(log p_a − log p_b), over the shared vocabulary, in chunks."""
+    def logits(h, head):
+        return F.linear(h, head.weight[:vocab], None if head.bias is None else head.bias[:vocab]).float()
+
+    overlap, sym_kl = [], []
+    for i in range(0, h_a_NH.shape[0], chunk):
+        la_nV, lb_nV = logits(h_a_NH[i:i + chunk], head_a), logits(h_b_NH[i:i + chunk], head_b)
+        top_a_nk, top_b_nk = la_nV.topk(k, -1).indices, lb_nV.topk(k, -1).indices
+        overlap.append((top_a_nk[:, :, None] == top_b_nk[:, None, :]).any(-1).float().mean(-1))
+        pa_nV, pb_nV = la_nV.log_softmax(-1), lb_nV.log_softmax(-1)
+        sym_kl.append(((pa_nV.exp() - pb_nV.exp()) * (pa_nV - pb_nV)).sum(-1))
+    return torch.cat(overlap), torch.cat(sym_kl)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train loop
+# ----------------------------------------------------------------------------------------------------------
+def per_branch(values: list, K: int, name: str) -> list:
+    if len(values) not in (1, K):
+        raise ValueError(f"--{name.replace('_', '-')} has {len(values)} values for {K} branches: give one, or one "
+                         f"per --train-data")
+    return list(values) * K if len(values) == 1 else list(values)
+
+
+def take(stream, n: int) -> list[dict]:
+    """n prompts (over all ranks) from a stream that yields one prompt per rank at a time."""
+    return [r for _ in range(n // stream.world) for r in stream.next()]
+
+
+def plan(args: Args, world: int) -> dict:
+    """Check the flags against each other and the world size; return K, the per-branch settings, the merge weights,
+    the number of trained models, the loop's length and the phases it goes through."""
+    K = len(args.train_data)
+    keys = {f: per_branch(getattr(args, f), K, f) for f in ("problem_key", "answer_key", "prompt_template",
+                                                            "verifiers", "beta")}
+    bad = [v for v in keys["verifiers"] if v not in ("math", "code")]
+    if K < 2 or bad:
+        raise ValueError(f"CoPD needs K ≥ 2 datasets in --train-data (got {K}) and verifiers 'math' or 'code' "
+                         f"(got {bad})")
+    if args.mode == "static_opd" and (K != 2 or args.static_student not in (0, 1)):
+        raise ValueError("--mode static_opd is defined for two experts: give two --train-data and "
+                         "--static-student 0 or 1")
+    if K >= 3 and not 0 <= args.hub < K:
+        raise ValueError(f"--hub {args.hub} is not a branch (0..{K - 1})")
+    if args.diag_prompts % world:
+        raise ValueError(f"--diag-prompts {args.diag_prompts} does not divide by the world size {world}")
+    T_opd = args.static_opd_steps or round(args.total_steps * args.s_opd / (args.s_rl + args.s_opd))
+    total = {"mixed": K * args.total_steps, "static_opd": args.total_steps + T_opd}.get(args.mode, args.total_steps)
+    n_models = 1 if args.mode == "mixed" else K
+    phases = {phase_at(s, args) for s in range(total)}
+    for k in range(n_models):
+        for phase in phases:
+            for kind, j, n in batch_plan(k, phase, K, args):
+                if n <= 0 or n % world:
+                    raise ValueError(f"branch {k}'s {phase} batch takes {n} {kind} prompts of dataset {j}, which must "
+                                     f"be a positive multiple of the world size {world}: adjust --prompts-per-step "
+                                     f"or --cross-frac")
+    return {"K": K, "keys": keys, "weights": per_branch(args.merge_weights or [1.0 / K], K, "merge_weights"),
+            "n_models": n_models, "total": total, "phases": phases}
+
+
+def main(args: Args) -> None:
+    d, out, ckpt = runtime.start(args, __file__)
+
+    # --- branches, datasets and verifiers ----------------------------------------------------------------
+    p = plan(args, d.world)
+    K, keys, weights, n_models, total, phases = (p[k] for k in ("K", "keys", "weights", "n_models", "total", "phases"))
+    base_path = runtime.resolve(args.model, d)
+    tok = runtime.load_tokenizer(base_path)
+    vocab = len(tok)
+    cuda_ckpt = args.grad_checkpointing and d.device.type == "cuda"
+    branches = [runtime.load_model(base_path, d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
+                for _ in range(n_models)]
+    engine = runtime.make_engine(args.rollout, base_path, d, tok, vocab, args)  # one engine, weights pushed per branch
+    runtime.seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts
+    opts = [torch.optim.AdamW(b.parameters(), lr=args.lr, weight_decay=args.weight_decay) for b in branches]
+    verify = {"math": common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)}
+    if "code" in keys["verifiers"]:
+        verify["code"] = common.CodeVerifier(args.code_workers, args.code_timeout, args.code_memory_mb)
+        if d.main:
+            print(f"[copd] code sandbox: {verify['code'].isolation}", flush=True)
+    rows, benches = [], common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
+    code_benches = {}
+    for k in range(K):
+        r = common.load_problems(args.train_data[k], args.train_split, keys["problem_key"][k],
+                                 keys["answer_key"][k], seed=args.seed)
+        if keys["verifiers"][k] == "code" and args.code_heldout:  # the last rows: the code benchmark, never trained on
+            if len(r) <= args.code_heldout:
+                raise ValueError(f"{args.train_data[k]} has {len(r)} problems, not more than --code-heldout "
+                                 f"{args.code_heldout}: lower it (0 = no code benchmark)")
+            r, code_benches[f"code:{args.train_data[k]}"] = r[:-args.code_heldout], r[-args.code_heldout:]
+        rows.append([{**x, "branch": k} for x in r])
+    # one stream per dataset for native prompts, one per (student, teacher) for cross prompts: independent orders
+    streams = {f"own{k}": common.PromptStream(rows[k], d.world, d.rank, d.world, args.seed * 1000 + k) for k in range(K)}
+    for k in range(n_models):
+        for j in {j for ph in phases for kind, j, _ in batch_plan(k, ph, K, args) if kind == "cross"}:
+            streams[f"cross{k}_{j}"] = common.PromptStream(rows[j], d.world, d.rank, d.world,
+                                                           args.seed * 1000 + 100 + 10 * k + j)
+    train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    names = {f"branch{k}": b for k, b in enumerate(branches)}
+    start = 0
+    if ckpt:
+        state = runtime.load_checkpoint(ckpt, names, dict(zip(names, opts)), d)
+        for name, s in state["data"].items():
+            streams[name].load_state_dict(s)
+        start = state["step"]
+    log = runtime.RunLog(out, d, args, start, total)
+    log.print(f"[copd] {out}  mode={args.mode}  K={K}  world={d.world}  device={d.device.type}  steps {start}->{total}")
+    pool = ThreadPoolExecutor(1)  # rewards of one branch's rollouts are graded while the next branch rolls out
+    on_engine = [None]
+
+    def push(k: int) -> None:
+        if on_engine[0] != k:
+            runtime.sync_weights(branches[k], engine)
+            on_engine[0] = k
+
+    def score(texts: list[str], probs: list[dict]) -> list[float]:
+        out_ = [0.0] * len(texts)
+        for kind in verify:
+            idx = [i for i, p in enumerate(probs) if keys["verifiers"][p["branch"]] == kind]
+            for i, r in zip(idx, verify[kind]([texts[i] for i in idx], [probs[i]["answer"] for i in idx])):
+                out_[i] = r
+        return out_
+
+    math_template = keys["prompt_template"][keys["verifiers"].index("math") if "math" in keys["verifiers"] else 0]
+
+    def run_eval(step: int, k: int, tag: str = "") -> None:
+        push(k)
+        ks = [1, 4, 8, 16, 32]
+        res = runtime.evaluate(engine, tok, benches, verify["math"], math_template, args.eval_samples, eval_sampling,
+                               ks, d, args.seed, args.max_prompt_tokens)
+        if code_benches:
+            code_k = keys["verifiers"].index("code")
+            res |= runtime.evaluate(engine, tok, code_benches, verify["code"], keys["prompt_template"][code_k],
+                                    args.eval_samples, eval_sampling, ks, d, args.seed, args.max_prompt_tokens)
+        log.eval(step, res, tag)
+
+    def diagnose(step: int, pairs: list[tuple[int, int]]) -> dict:
+        """O_k and symmetric KL between branch pairs on every branch's on-policy samples of every dataset."""
+        seqs = {}
+        for a in sorted({x for p in pairs for x in p}):
+            push(a)
+            seqs[a] = [runtime.rollout(engine, tok, rows[j][d.rank:args.diag_prompts:d.world], 1,
+                                       keys["prompt_template"][j], args.max_prompt_tokens, train_sampling,
+                                       runtime.rollout_seed(args.seed, step, d.rank, salt=500 + 10 * a + j))
+                       for j in range(K)]
+        m = {}
+        for a, b in pairs:
+            o_sum, kl_sum, n = 0.0, 0.0, 0
+            for ro in seqs[a] + seqs[b]:
+                for _, mb in ro.batch(tok.pad_token_id, d.device).micro_batches(args.micro_batch_size):
+                    with torch.no_grad():
+                        h_a, h_b = common.response_hidden(branches[a], mb), common.response_hidden(branches[b], mb)
+                        o_N, kl_N = overlap_and_sym_kl(h_a, branches[a].get_output_embeddings(), h_b,
+                                                       branches[b].get_output_embeddings(), vocab, args.overlap_k,
+                                                       args.logprob_chunk)
+                    o_sum, kl_sum, n = o_sum + o_N.sum().item(), kl_sum + kl_N.sum().item(), n + o_N.numel()
+            tot = runtime.all_reduce_mean({"o": o_sum, "kl": kl_sum, "n": float(n)}, d)
+            suffix = "" if len(pairs) == 1 else f"/{a}-{b}"
+            m[f"diag/overlap_top{args.overlap_k}{suffix}"] = tot["o"] / max(tot["n"], 1.0)
+            m[f"diag/sym_kl{suffix}"] = tot["kl"] / max(tot["n"], 1.0)
+        return m
+
+    if start == 0 and total > 0:
+        run_eval(0, 0)  # every branch is π_0 here
+    for step in range(start, total):
+        t_step = time.perf_counter()
+        timing = {}
+        phase = phase_at(step, args)
+        students = [args.static_student] if phase == "static" else list(range(n_models))
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = runtime.lr_at(step, args.lr, args.lr_warmup_steps)
+
+        # --- rollout: every student samples its batch parts with its own weights; rewards graded in the background
+        t0 = time.perf_counter()
+        parts = {}
+        for k in students:
+            push(k)
+            parts[k] = []
+            for p_i, (kind, j, n) in enumerate(batch_plan(k, phase, K, args)):
+                probs = take(streams[f"own{j}" if kind == "native" else f"cross{k}_{j}"], n)
+                ro = runtime.rollout(engine, tok, probs, args.group_size, keys["prompt_template"][j],
+                                     args.max_prompt_tokens, train_sampling,
+                                     runtime.rollout_seed(args.seed, step, d.rank, salt=1 + 16 * k + p_i))
+                reward = pool.submit(score, ro.texts, [x for x in ro.problems for _ in range(args.group_size)]) \
+                    if kind == "native" else None
+                parts[k].append({"kind": kind, "teacher": j, "ro": ro, "reward": reward,
+                                 "batch": ro.batch(tok.pad_token_id, d.device)})
+        timing["rollout"] = time.perf_counter() - t0
+
+        # --- teachers score the cross batches with their current weights, before any branch updates (Eq. delta)
+        t0 = time.perf_counter()
+        for k in students:
+            for part in parts[k]:
+                if part["kind"] == "cross":
+                    part["teacher_logp_BT"] = torch.zeros_like(part["batch"].mask_BT)
+                    with torch.no_grad():
+                        for rows_, mb in part["batch"].micro_batches(args.micro_batch_size):
+                            part["teacher_logp_BT"][rows_, :mb.T] = common.token_logprobs(
+                                branches[part["teacher"]], mb, vocab, args.temperature, args.logprob_chunk)[0]
+        timing["teacher"] = time.perf_counter() - t0
+
+        # --- reward: verifier accuracy -> group advantages (Eq. rlvr), native parts only
+        t0 = time.perf_counter()
+        for k in students:
+            for part in parts[k]:
+                if part["kind"] == "native":
+                    part["correct_B"] = torch.tensor(part["reward"].result())
+                    part["adv_B"] = common.group_advantages(part["correct_B"].view(-1, args.group_size),
+                                                            args.adv_scale).view(-1).to(d.device)
+        timing["reward"] = time.perf_counter() - t0
+
+        # --- update: one optimizer step per branch over its native + cross batch (token-mean over both)
+        t0 = time.perf_counter()
+        metrics = {"phase": {"rl": 0.0, "opd": 1.0, "static": 2.0}[phase]}
+        for k in students:
+            model, opt, beta = branches[k], opts[k], keys["beta"][k]
+            mbs = [(part, rows_, mb) for part in parts[k] for rows_, mb in part["batch"].micro_batches(
+                args.micro_batch_size)]
+            per_update = -(-len(mbs) // args.num_minibatches)
+            updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
+            old = {}
+            if len(updates) > 1:  # off-policy minibatches: the ratio needs the pre-update log-probs
+                with torch.no_grad():
+                    for i, (_, _, mb) in enumerate(mbs):
+                        old[i] = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)[0]
+            sums = dict.fromkeys(("tok", "tok_native", "tok_cross", "delta", "ent", "clip_low", "clip_high",
+                                  "diff"), 0.0)
+            loss_sum, i_mb = 0.0, 0
+            for update in updates:
+                norm = common.LossNorm.of([mb.mask_BT for _, _, mb in update], args.max_new_tokens)
+                for i, (part, rows_, mb) in enumerate(update):
+                    model.set_requires_gradient_sync(i == len(update) - 1)  # reduce-scatter once per update
+                    logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
+                    old_BT = old[i_mb] if old else logp_BT.detach()
+                    if part["kind"] == "native":
+                        adv_BT = part["adv_B"][rows_, None].expand_as(logp_BT)
+                    else:
+                        adv_BT = cross_advantages(part["teacher_logp_BT"][rows_, :mb.T], old_BT, beta)
+                    loss, low_BT, high_BT = copd_loss(logp_BT, old_BT, adv_BT, mb.mask_BT, norm, args)
+                    loss.backward()
+                    with torch.no_grad():
+                        m_BT, n_tok = mb.mask_BT, mb.mask_BT.sum().item()
+                        eng_BT = part["ro"].engine_logprobs(part["batch"].T, d.device)[rows_, :mb.T]
+                        loss_sum += loss.item() / len(updates)
+                        sums["tok"] += n_tok
+                        sums["tok_" + part["kind"]] += n_tok
+                        if part["kind"] == "cross":
+                            sums["delta"] += ((part["teacher_logp_BT"][rows_, :mb.T] - old_BT) * m_BT).sum().item()
+                        for key, v in (("ent", ent_BT), ("clip_low", low_BT), ("clip_high", high_BT),
+                                       ("diff", (logp_BT - eng_BT).abs())):
+                            sums[key] += (v * m_BT).sum().item()
+                    i_mb += 1
+                gnorm = runtime.clip_grad_norm(model, args.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            native = [p for p in parts[k] if p["kind"] == "native"]
+            b = f"branch{k}/"
+            metrics |= {b + "loss": loss_sum, b + "grad_norm": gnorm, b + "entropy": sums["ent"] / sums["tok"],
+                        b + "clip_low": sums["clip_low"] / sums["tok"], b + "clip_high": sums["clip_high"] / sums["tok"],
+                        b + "logp_diff_mean": sums["diff"] / sums["tok"],
+                        b + "response_length": sum(len(c.token_ids) for p in parts[k] for c in p["ro"].comps) /
+                        sum(len(p["ro"].comps) for p in parts[k])}
+            if native:
+                correct_B = torch.cat([p["correct_B"] for p in native])
+                metrics[b + "reward"] = correct_B.mean().item()
+                metrics[b + "frac_zero_std"] = torch.cat([(p["correct_B"].view(-1, args.group_size).std(1) == 0)
+                                                          for p in native]).float().mean().item()
+            if sums["tok_cross"]:  # mean δ = log π_teacher − log π_student on the student's tokens: −KL_k1(student‖teacher)
+                metrics[b + "kl_teacher"] = -sums["delta"] / sums["tok_cross"]
+                metrics[b + "cross_token_frac"] = sums["tok_cross"] / sums["tok"]
+            log.samples(step + 1, [{"branch": k, "kind": p["kind"], **s} for p in parts[k] for s in p["ro"].samples(
+                p["correct_B"].tolist() if "correct_B" in p else [None] * len(p["ro"].texts), args.log_samples)])
+        on_engine[0] = None  # every trained branch changed: the engine's copy is stale
+        timing["update"] = time.perf_counter() - t0
+        for key in ("reward", "kl_teacher", "loss", "response_length", "entropy"):
+            vals = [metrics[f"branch{k}/{key}"] for k in students if f"branch{k}/{key}" in metrics]
+            if vals:
+                metrics[{"reward": "reward/mean", "kl_teacher": "kl/teacher", "loss": "loss/total",
+                         "response_length": "response/mean_length", "entropy": "policy/entropy"}[key]] = sum(vals) / len(vals)
+
+        # --- diagnostics at the end of each phase (and of each S_RL / S_OPD block in the baselines)
+        t0 = time.perf_counter()
+        cycle = args.s_rl + args.s_opd
+        if args.diag_prompts and n_models > 1 and ((step + 1) % cycle in (0, args.s_rl) or step + 1 == total):
+            pairs = [(args.static_student, 1 - args.static_student)] if args.mode == "static_opd" else \
+                [(0, 1)] if K == 2 else [(args.hub, j) for j in range(K) if j != args.hub]
+            metrics |= diagnose(step + 1, pairs)
+        timing["diag"] = time.perf_counter() - t0
+        timing["step"] = time.perf_counter() - t_step
+        n_tokens = sum(p["ro"].num_tokens for k in students for p in parts[k])
+        metrics |= {"lr": opts[0].param_groups[0]["lr"], "perf/tokens_per_s": n_tokens / timing["step"],
+                    **{f"timing_s/{key}": v for key, v in timing.items()}}
+        log.metrics(step + 1, runtime.all_reduce_mean(metrics, d), show=("reward/mean", "kl/teacher", "phase"))
+
+        # --- eval, then checkpoint (so that a checkpoint implies its step's eval is logged)
+        stage_end = args.mode == "static_opd" and step + 1 == args.total_steps
+        if (args.eval_every and (step + 1) % args.eval_every == 0 or stage_end) and step + 1 < total:
+            for k in range(n_models):
+                run_eval(step + 1, k, tag="" if n_models == 1 else f"branch{k}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            runtime.save_checkpoint(out, step + 1, names, dict(zip(names, opts)),
+                                    {"data": {n: s.state_dict() for n, s in streams.items()}}, d, args.keep_checkpoints)
+
+    # --- final: every branch saved and evaluated, then the final model (the merge, or the single model)
+    if n_models > 1:
+        for k in range(n_models):
+            runtime.save_hf(branches[k], tok, out / "branches" / f"branch{k}", d)
+            run_eval(total, k, tag=f"branch{k}")
+    final = args.static_student if args.mode == "static_opd" else 0
+    if args.mode in ("copd", "experts"):
+        merge_into(branches[0], branches, weights)
+        on_engine[0] = None
+    runtime.save_hf(branches[final], tok, out / "final", d)
+    run_eval(total, final)
+    log.close(("reward/mean", "kl/teacher", f"diag/overlap_top{args.overlap_k}", "diag/sym_kl", "response/mean_length"))
+    for v in verify.values():
+        v.close()
+    pool.shutdown()
+    log.print(f"[copd] done: {out}")
+    runtime.dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(runtime.parse_args(Args, PRESETS))
