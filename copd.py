@@ -334,6 +334,10 @@ def main(args: Args) -> None:
             runtime.sync_weights(branches[k], engine)
             on_engine[0] = k
 
+    def rest() -> None:
+        engine.sleep()  # free the GPU for scoring and updates (vLLM); a level-2 sleep discards the pushed weights
+        on_engine[0] = None
+
     def score(texts: list[str], probs: list[dict]) -> list[float]:
         out_ = [0.0] * len(texts)
         for kind in verify:
@@ -353,6 +357,7 @@ def main(args: Args) -> None:
             code_k = keys["verifiers"].index("code")
             res |= runtime.evaluate(engine, tok, code_benches, verify["code"], keys["prompt_template"][code_k],
                                     args.eval_samples, eval_sampling, ks, d, args.seed, args.max_prompt_tokens)
+        rest()
         log.eval(step, res, tag)
 
     def diagnose(step: int, pairs: list[tuple[int, int]]) -> dict:
@@ -364,6 +369,7 @@ def main(args: Args) -> None:
                                        keys["prompt_template"][j], args.max_prompt_tokens, train_sampling,
                                        runtime.rollout_seed(args.seed, step, d.rank, salt=500 + 10 * a + j))
                        for j in range(K)]
+        rest()
         m = {}
         for a, b in pairs:
             o_sum, kl_sum, n = 0.0, 0.0, 0
@@ -407,6 +413,7 @@ def main(args: Args) -> None:
                     if kind == "native" else None
                 parts[k].append({"kind": kind, "teacher": j, "ro": ro, "reward": reward,
                                  "batch": ro.batch(tok.pad_token_id, d.device)})
+        rest()
         timing["rollout"] = time.perf_counter() - t0
 
         # --- teachers score the cross batches with their current weights, before any branch updates (Eq. delta)
