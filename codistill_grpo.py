@@ -22,13 +22,13 @@ and third-party citations of its appendix (../shared/research/papers_codistill_s
      then truncated at C).
   3. The large model's reward has no KD term. Both updates use the pre-update snapshots of both models, so their
      order does not matter; the small model's rollout engine is refreshed after each update.
-  4. Data: MATH train as PrimeIntellect/Hendrycks-Math (7,474 of the 7,500 problems, those with a gradable final
-     answer); 8 epochs of 32 prompts × 8 = 1,864 steps. Rollouts at T 1.0 / top-p 0.95, max response 3,072;
+  4. Data: MATH train as PrimeIntellect/Hendrycks-Math (7,474 of the 7,500 problems, with a final-answer
+     column); 8 epochs of 32 prompts × 8 = 1,864 steps. Rollouts at T 1.0 / top-p 0.95, max response 3,072;
      learning rate 1e-6 for both models; no reference KL; clip 0.2; greedy evaluation on Minerva, MATH-500,
      AMC 23 (the paper's "AMC" set is not identified) and OlympiadBench, with the training template.
-  5. The R1-Zero template is used as DeepSeek defines it, as raw prompt text ending in "Assistant:" (no chat
-     markup: the models are base models); the answer is read from the last <answer> tag, and the format reward is
-     0.25 for each of </think> and </answer> that occurs exactly once (reward at most 1.5).
+  5. The R1-Zero template (DeepSeek-R1, Table 1) is raw prompt text ending in "Assistant:", the problem on its own
+     line (no chat markup: the models are base models); the answer is read from the last <answer> tag, and the
+     format reward is 0.25 for each of </think> and </answer> that occurs exactly once (reward at most 1.5).
   6. Not implemented: the "down-sampling on a combined accuracy + KD score" that one third-party summary
      mentions; its placement and rule are unknown.
 Deviations: the trainer's log-probs are those of the temperature-scaled distribution, without top-p truncation
@@ -36,6 +36,8 @@ Deviations: the trainer's log-probs are those of the temperature-scaled distribu
 Evaluating the large model (--eval-large) is an addition: the paper compares it with standard GRPO.
 Tiny preset: the toy models only know the "{problem}" prompt (through the chat template) and \\boxed{} answers,
 not the R1-Zero tags, so there the answer is the last \\boxed{} and the format reward is off (--format-reward 0).
+The tiny large model's learning rate, 3e-5, was measured: at 1e-4 its held-out accuracy fell from 0.735 to 0.671
+in 40 steps, at 3e-5 it held (0.729); the small model's 1e-4 is the toy world's working RL rate.
 
 Flags that give the paper's baselines:
     --kd-coef 0                  the small model is plain GRPO (the large model still trains on its rollouts)
@@ -358,9 +360,9 @@ def main(args: Args) -> None:
 
     def run_eval(step: int) -> None:
         for name, eng in (("", engine), ("large", large_engine)):
-            if name == "large" and not (args.eval_large and (args.train_large or step == 0)):
-                continue  # a frozen large model is evaluated once
             if name == "large":
+                if not args.eval_large or (not args.train_large and large_engine_at[0] is not None):
+                    continue  # a frozen large model is evaluated once
                 sync_large(step)
             res = runtime.evaluate(eng, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
                                    [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens, args.chat_template)

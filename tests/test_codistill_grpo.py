@@ -16,7 +16,7 @@ from conftest import finite, read_jsonl, run_script
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--eval-every", "2", "--save-every", "2", "--eval-limit", "16",
          "--eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4")
-QUICK = ("--preset", "tiny", "--total-steps", "3", "--eval-every", "0", "--save-every", "0", "--eval-limit", "8",
+QUICK = ("--preset", "tiny", "--total-steps", "2", "--eval-every", "0", "--save-every", "0", "--eval-limit", "8",
          "--eval-samples", "1", "--prompts-per-step", "4", "--group-size", "4")
 
 
@@ -149,7 +149,10 @@ def _check_run(out, steps, large=True):
     return rows
 
 
-def test_end_to_end_python(tmp_path, warm):
+def test_end_to_end_python_and_exact_resume(tmp_path, warm):
+    """The smoke run's outputs; then the same run stopped after its step-2 checkpoint and resumed logs the same later
+    metrics and evaluations (timings aside): both models, both optimizers, data position and rollout seeds come
+    back, and the large model's rollout engine gets its restored weights."""
     run_script("codistill_grpo.py", *SMOKE, "--output-dir", str(tmp_path / "run"))
     rows = _check_run(tmp_path / "run", 4)
     for key in ("large/is/weight_mean", "large/is/weight_max/max", "large/is/truncated_frac"):
@@ -165,6 +168,22 @@ def test_end_to_end_python(tmp_path, warm):
     assert cfg["args"]["model"] == "tiny:small" and cfg["args"]["large_model"] == "tiny:large"
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final_large").config.hidden_size == 128
+
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step_2", stopped / "checkpoints" / "step_2")
+    for name, keep in (("metrics.jsonl", rows[:2]), ("eval.jsonl", [e for e in evals if e["step"] <= 2])):
+        (stopped / name).write_text("".join(json.dumps(r) + "\n" for r in keep))
+    run_script("codistill_grpo.py", *SMOKE, "--resume", str(stopped))
+    resumed = read_jsonl(stopped / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+
+    def strip(r):
+        return {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
+
+    for a, b in zip(rows[2:], resumed[2:]):
+        assert strip(a) == strip(b)
+    assert read_jsonl(stopped / "eval.jsonl") == evals
 
 
 def test_end_to_end_torchrun_two_ranks(tmp_path, warm):
@@ -190,37 +209,16 @@ def test_baselines_by_flags(tmp_path, warm):
     a, b = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
     for ra, rb in zip(a, b):
         for k in ra:
-            if k.startswith(("small/", "reward/", "response/")):
+            if k.startswith(("small/", "reward/", "response/")) and k != "reward/kd":  # kd: scored in a only
                 assert ra[k] == rb[k], k
-    assert "large/is/weight_mean" in a[0] and "large/is/weight_mean" not in b[0] and "kl/large" not in a[0]
+    assert "large/is/weight_mean" in a[0] and "large/is/weight_mean" not in b[0]
+    assert "kl/large" in a[0] and "kl/large" not in b[0]  # b: nothing needs the large model's scores
     assert "large/response/mean_length" in b[0] and b[0]["timing_s/large_rollout"] > 0
     run_script("codistill_grpo.py", *QUICK, "--train-large", "false", "--output-dir", str(tmp_path / "c"))
     c = read_jsonl(tmp_path / "c" / "metrics.jsonl")
     assert all(finite(r) for r in c) and "kl/large" in c[0] and not any(k.startswith("large/") for k in c[0])
     assert not (tmp_path / "c" / "final_large").exists()
-    assert {e["step"] for e in read_jsonl(tmp_path / "c" / "eval.jsonl") if e.get("tag") == "large"} == {0}
-
-
-def test_resume_continues_exactly(tmp_path, warm):
-    """A run stopped after its step-3 checkpoint and resumed logs the same later metrics as the run that was never
-    stopped (timings aside): both models, both optimizers, data position and rollout seeds come back."""
-    args = ("--preset", "tiny", "--total-steps", "6", "--save-every", "3", "--eval-every", "0", "--eval-limit", "8",
-            "--eval-samples", "1", "--prompts-per-step", "4", "--group-size", "4", "--eval-large", "false")
-    run_script("codistill_grpo.py", *args, "--output-dir", str(tmp_path / "full"))
-    stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_3", stopped / "checkpoints" / "step_3")
-    full_rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
-    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full_rows[:3]))
-    run_script("codistill_grpo.py", *args, "--resume", str(stopped))
-    resumed = read_jsonl(stopped / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == list(range(1, 7))
-
-    def strip(r):
-        return {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
-
-    for a, b in zip(full_rows[3:], resumed[3:]):
-        assert strip(a) == strip(b)
+    assert {e["step"] for e in read_jsonl(tmp_path / "c" / "eval.jsonl") if e.get("tag") == "large"} == {2}
 
 
 def test_bad_input_errors_are_clear(tmp_path, warm):
@@ -241,19 +239,13 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
     # --rollout vllm on a machine without CUDA
     p = run_script("codistill_grpo.py", *QUICK, "--output-dir", str(tmp_path / "v"), "--rollout", "vllm", check=False)
     assert p.returncode != 0 and "--rollout vllm needs CUDA" in p.stderr
-    # a corrupt checkpoint on --resume
-    ck = tmp_path / "c" / "checkpoints" / "step_2"
-    ck.mkdir(parents=True)
-    (ck / "trainer_state.pt").write_bytes(b"not a checkpoint")
-    p = run_script("codistill_grpo.py", *QUICK, "--resume", str(tmp_path / "c"), check=False)
-    assert p.returncode != 0 and "not a complete checkpoint" in p.stderr
 
 
 def test_tiny_preset_learns(tmp_path, warm):
     """The README's tiny run: 40 CoDistill-GRPO steps on the CPU toy world. MEASURED_MARGINS"""
     out = tmp_path / "run"
     run_script("codistill_grpo.py", "--preset", "tiny", "--output-dir", str(out), "--eval-every", "40",
-               "--save-every", "0")
+               "--save-every", "0", timeout=1800)
     evals = read_jsonl(out / "eval.jsonl")
     acc = {(s, tag): sum(e["avg@4"] for e in evals if e["step"] == s and e.get("tag", "") == tag) / 3
            for s, tag in itertools.product((0, 40), ("", "large"))}
