@@ -86,7 +86,8 @@ class Args:
     resume: str = arg("", "continue a run: its directory (latest checkpoint) or a checkpoints/step_N folder")
     seed: int = arg(0, "seed for model init, data order and rollouts")
     # --- policy and data -------------------------------------------------------------------------------
-    model: str = arg("Qwen/Qwen2.5-Math-1.5B", "small model (trained, generates the rollouts): hub name, folder, tiny:small")
+    model: str = arg("Qwen/Qwen2.5-Math-1.5B", "small model (trained; generates the rollouts): hub name, folder, "
+                     "tiny:small")
     train_data: str = arg("PrimeIntellect/Hendrycks-Math", "hub dataset, .jsonl file, or tiny:<families>")
     train_split: str = arg("train", "split of --train-data")
     problem_key: str = arg("question", "column holding the problem text")
@@ -143,8 +144,8 @@ class Args:
     train_large: bool = arg(True, "train the large model (false: the frozen-oracle KD baseline)")
     large_lr: float = arg(1e-6, "AdamW learning rate of the large model")
     kd_coef: float = arg(0.1, "λ: weight of the KD reward (Eq. 2); 0 = plain GRPO for the small model")
-    kd_level: Literal["seq_mean", "token"] = arg("seq_mean", "KD reward: sequence mean of d added to the reward "
-                                                 "before normalisation (Eq. 2), or λ·d_t added to each token's advantage")
+    kd_level: Literal["seq_mean", "token"] = arg("seq_mean", "KD reward: sequence mean of d added to the reward before "
+                                                 "normalisation (Eq. 2), or λ·d_t added to each token's advantage")
     kd_clip: float = arg(5.0, "c: the per-token log-ratio d is clamped to [−c, c] (Eq. 1)")
     large_is: Literal["token_tis", "none", "token_mask", "seq_snis"] = arg(
         "token_tis", "importance weights of the large model on the small model's tokens (Eq. 4), see the docstring")
@@ -218,8 +219,8 @@ def large_is_weights(logp_L_BT, logp_S_BT, mask_BT, from_small_B, G: int, args: 
 
 def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: float, vocab: int, args: Args,
                engine_logp_BT=None) -> dict:
-    """Eq. 3 / Eq. 5: agg(w · −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A)) over the batch, in --num-minibatches optimizer
-    steps. old_logp_BT None: on-policy, the live log-probs (detached) are π_old. w_BT None: no weights."""
+    """Eq. 3 / Eq. 5: agg(w · −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A)) over the batch, in --num-minibatches
+    optimizer steps. old_logp_BT None: on-policy, the live log-probs (detached) are π_old. w_BT None: no weights."""
     for g in opt.param_groups:
         g["lr"] = lr
     mbs = list(batch.micro_batches(args.micro_batch_size))
@@ -484,7 +485,8 @@ def main(args: Args) -> None:
                             "large/is/truncated_frac": is_cut}
             if G_own:
                 metrics |= {f"large/{k}": v for k, v in ro_L.stats().items()}
-        log.metrics(step + 1, runtime.all_reduce_mean(metrics, d), show=("reward/mean", "kl/large", "large/reward/mean"))
+        log.metrics(step + 1, runtime.all_reduce_mean(metrics, d),
+                    show=("reward/mean", "kl/large", "large/reward/mean"))
         log.samples(step + 1, ro.samples(acc_B.tolist(), args.log_samples))
 
         # --- eval, then checkpoint (so that a checkpoint implies its step's eval is logged)
