@@ -720,11 +720,14 @@ def load_problems(source: str, split: str = "train", problem_key: str = "problem
     return rows[:limit] if limit else rows
 
 
-def encode_prompt(tokenizer, problem: str, template: str, max_tokens: int = 0) -> list[int]:
-    """Token ids of the chat-formatted prompt: `template` with {problem} filled in, as one user message."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": template.format(problem=problem)}],
-                                         tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+def encode_prompt(tokenizer, problem: str, template: str, max_tokens: int = 0, chat: bool = True) -> list[int]:
+    """Token ids of the prompt: `template` with {problem} filled in, as one user message of the tokenizer's chat
+    template, or (`chat=False`) as the raw prompt text, the way base-model templates such as R1-Zero's are used."""
+    text = template.format(problem=problem)
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=not chat).input_ids  # raw text: the tokenizer's BOS, if it has one
     return ids[-max_tokens:] if max_tokens and len(ids) > max_tokens else ids
 
 

@@ -498,9 +498,10 @@ class Rollouts:
 
 
 def rollout(engine, tokenizer, problems: list[dict], G: int, template: str, max_prompt_tokens: int,
-            sampling: Sampling, seed: int) -> Rollouts:
-    """G completions for each problem from `engine` (which holds the policy's latest weights)."""
-    prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens) for r in problems]
+            sampling: Sampling, seed: int, chat: bool = True) -> Rollouts:
+    """G completions for each problem from `engine` (which holds the policy's latest weights); `chat` as in
+    `common.encode_prompt`."""
+    prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens, chat) for r in problems]
     comps = [c for group in engine.generate(prompts, G, sampling, seed) for c in group]
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
     return Rollouts(problems, [p for p in prompts for _ in range(G)], comps, texts, G)
@@ -515,14 +516,15 @@ def sync_weights(model, engine) -> None:
 # Evaluation on benchmarks, sharded over ranks
 # ----------------------------------------------------------------------------------------------------------
 def evaluate(engine, tokenizer, benchmarks: dict[str, list[dict]], grader, template: str, n: int,
-             sampling: Sampling, ks: list[int], d: Dist, seed: int, max_prompt_tokens: int = 0) -> dict:
+             sampling: Sampling, ks: list[int], d: Dist, seed: int, max_prompt_tokens: int = 0,
+             chat: bool = True) -> dict:
     """{benchmark: {avg@n, pass@k..., maj@n, mean_length}} on every rank (rank r grades problems r, r+world...).
     The sampling seed is the same at every evaluation step, so successive evaluations differ by the weights only
     (common random numbers: less noise in the curve than independent draws)."""
     results = {}
     for bi, (name, rows) in enumerate(benchmarks.items()):
         mine = rows[d.rank::d.world]
-        prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens) for r in mine]
+        prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens, chat) for r in mine]
         outs = engine.generate(prompts, n, sampling, seed=rollout_seed(seed, 0, d.rank, salt=1000 + bi)) if mine else []
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for comps in outs for c in comps]
         correct = grader(texts, [r["answer"] for r in mine for _ in range(n)])  # one call: the workers run in parallel

@@ -5,8 +5,10 @@
         -- --preset tiny --eval-every 0
 
 Every run writes to bench/out/<study>/<config>-s<seed>/; the table (markdown) and the raw numbers (JSON) go to
-bench/out/<study>/. A finished run with the same command is reused, so an interrupted study resumes. The metric is each benchmark's avg@n at the last evaluated step, averaged over benchmarks
-(`mean`), next to the same model's step-0 evaluation where the run logged one.
+bench/out/<study>/. A finished run with the same command is reused, so an interrupted study resumes. The metric is
+each benchmark's avg@n at the last evaluated step, averaged over benchmarks (`mean`), next to the same model's step-0
+evaluation where the run logged one. `--tags "" large` adds a table for the eval rows a script tags (e.g. the second
+model that codistill_grpo.py evaluates).
 """
 
 import argparse
@@ -22,9 +24,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def final_eval(run: Path) -> tuple[dict, dict]:
+def final_eval(run: Path, tag: str = "") -> tuple[dict, dict]:
     rows = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if not r.get("tag")]
+    rows = [r for r in rows if r.get("tag", "") == tag]
+    if not rows:
+        return {}, {}
     last = max(r["step"] for r in rows)
 
     def acc(step):
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--name", default="")
     ap.add_argument("--nproc", type=int, default=0, help="run each under torchrun with this many ranks")
+    ap.add_argument("--tags", nargs="+", default=[""], help="eval rows to tabulate: '' (untagged) and/or tags")
     a = ap.parse_args(argv)
     study = ROOT / "bench" / "out" / (a.name or Path(a.script).stem)
     study.mkdir(parents=True, exist_ok=True)
@@ -75,21 +80,32 @@ def main() -> None:
                     sys.exit(f"{name} seed {seed} failed:\n{p.stderr[-4000:]}")
                 (run / "cmd.txt").write_text(shlex.join(cmd))
                 (run / "wall_s.txt").write_text(f"{time.time() - t0:.1f}")
-            last, first = final_eval(run)
             wall = float((run / "wall_s.txt").read_text()) if (run / "wall_s.txt").exists() else float("nan")
-            results.setdefault(name, []).append({"seed": seed, "final": last, "start": first, "wall_s": wall})
-            print(f"{name} seed {seed}: " + " ".join(f"{k}={v:.3f}" for k, v in last.items() if ":" not in k), flush=True)
-    benches = sorted(k for k in next(iter(results.values()))[0]["final"] if ":" not in k)
-    lines = ["| config | " + " | ".join(benches) + " | mean | Δ vs step 0 | response length | wall s |",
-             "|---" * (len(benches) + 5) + "|"]
-    for name, runs in results.items():
-        means = [statistics.mean(r["final"][b] for b in benches) for r in runs]
-        deltas = [m - statistics.mean(r["start"][b] for b in benches) for m, r in zip(means, runs) if r["start"]]
-        length = [statistics.mean(r["final"][b + ":length"] for b in benches) for r in runs]
-        lines.append(f"| {name} | " + " | ".join(fmt([r["final"][b] for r in runs]) for b in benches) +
-                     f" | {fmt(means)} | {fmt(deltas) if deltas else '-'} | {statistics.mean(length):.1f} | "
-                     f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
-    table = "\n".join(lines)
+            for tag in a.tags:
+                last, first = final_eval(run, tag)
+                if last:
+                    results.setdefault(tag, {}).setdefault(name, []).append(
+                        {"seed": seed, "final": last, "start": first, "wall_s": wall})
+            last = final_eval(run, a.tags[0])[0]
+            print(f"{name} seed {seed}: " + " ".join(f"{k}={v:.3f}" for k, v in last.items() if ":" not in k) +
+                  f" ({wall:.0f}s)", flush=True)
+    tables = []
+    for tag, by_config in results.items():
+        benches = sorted(k for k in next(iter(by_config.values()))[0]["final"] if ":" not in k)
+        lines = ([f"eval rows tagged `{tag}`:", ""] if tag else []) + [
+            "| config | " + " | ".join(benches) + " | mean | Δ vs step 0 | response length | wall s |",
+            "|---" * (len(benches) + 5) + "|"]
+        for name, runs in by_config.items():
+            means = [statistics.mean(r["final"][b] for b in benches) for r in runs]
+            deltas = [m - statistics.mean(r["start"][b] for b in benches) for m, r in zip(means, runs) if r["start"]]
+            length = [statistics.mean(r["final"][b + ":length"] for b in benches) for r in runs]
+            lines.append(f"| {name} | " + " | ".join(fmt([r["final"][b] for r in runs]) for b in benches) +
+                         f" | {fmt(means)} | {fmt(deltas) if deltas else '-'} | {statistics.mean(length):.1f} | "
+                         f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+        tables.append("\n".join(lines))
+    table = "\n\n".join(tables)
+    if a.tags == [""]:
+        results = results[""]  # the raw numbers keep their old shape when only untagged rows are asked for
     (study / "results.json").write_text(json.dumps(results, indent=1))
     (study / "table.md").write_text(f"`{' '.join(sys.argv)}`, seeds {a.seeds}\n\n{table}\n")
     print(table)
