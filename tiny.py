@@ -18,6 +18,11 @@ right about half the time); the large model always works it out. At temperature 
 longer, as in R1-Zero), distillation pulls it toward the teacher's habit, and held-out accuracy rises by ~0.09
 in 40 steps while the KL to the teacher falls threefold. `python tiny.py` prints the starting point.
 
+A third size, "base", is the large architecture warm-started to answer 80% of its targets at once, like an untuned
+base model that rarely reasons: the learner of s2l_po.py, whose frozen explorer is the small model. The large
+model already works every problem out, so it has nothing to learn from the small one's rollouts; the base model
+has, because the small model works most of its answers out and so writes the behaviour that earns reward.
+
 Model and data names of the form `tiny:small`, `tiny:large`, `tiny:add,lin` are resolved here (through
 `resolve_model` and `make_split`); nothing else in the scripts needs to know about the toy world.
 
@@ -141,6 +146,7 @@ class Size:
     bf16: bool         # bf16 autocast in the warm start: 5x faster matmuls where the CPU has AVX512-BF16
     direct_frac: float  # share of warm-start targets that skip the worked steps and answer at once
     habits: tuple = ()  # per-family bad habits ((family, "direct" | "unboxed", share), ...), see `_target`
+    init_from: str = ""  # start from this size's warm start (same architecture) instead of random weights
 
 
 SIZES = {
@@ -154,6 +160,10 @@ SIZES = {
     "habits": Size(hidden=96, layers=3, heads=4, kv_heads=2, intermediate=256, vocab_pad=64, tied=True,
                    warm_steps=560, warm_lr=3e-3, bf16=False, direct_frac=0.0,
                    habits=(("add", "direct", 0.6), ("lin", "unboxed", 0.6))),
+    # s2l_po.py's learner: the large model, fine-tuned into an untuned base model's habit of answering at once
+    # (trained from scratch on such targets, the large architecture never learns the arithmetic it then skips)
+    "base": Size(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384, vocab_pad=128, tied=False,
+                 warm_steps=200, warm_lr=1e-3, bf16=True, direct_frac=0.8, init_from="large"),
 }
 WARM_TASKS = "add,mul,lin"
 WARM_BATCH = 64
@@ -197,6 +207,10 @@ def _key(size: str) -> str:
     spec = asdict(SIZES[size])
     if not spec["habits"]:
         del spec["habits"]  # sizes without habits keep the cache keys they had before the field existed
+    if spec["init_from"]:  # a fine-tune is rebuilt with its parent
+        spec["init_key"] = _key(spec["init_from"])
+    else:  # sizes trained from scratch keep the cache keys they had before init_from existed
+        del spec["init_from"]
     blob = json.dumps({"v": VERSION, "size": spec, "tasks": WARM_TASKS, "batch": WARM_BATCH,
                        "seed": WARM_SEED, "torch": torch.__version__.split("+")[0],
                        "transformers": transformers.__version__}, sort_keys=True)
@@ -225,8 +239,12 @@ def _train(size: str, out: Path, log=print) -> None:
 
     torch.manual_seed(WARM_SEED)
     tokenizer = build_tokenizer()
-    model = build_model(size, tokenizer)
     s = SIZES[size]
+    if s.init_from:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(warm_start(s.init_from, log=log), dtype=torch.float32)
+    else:
+        model = build_model(size, tokenizer)
     rows = make_split(WARM_TASKS, "train", s.warm_steps * WARM_BATCH // 4, seed=WARM_SEED)  # each seen ~4 times
     eos, style = tokenizer.eos_token_id, random.Random(WARM_SEED + 1)
     examples = []

@@ -1,0 +1,687 @@
+"""S2L-PO: Smaller Models are Natural Explorers for Policy-Level Diversity in GRPO
+(Ren, Xu, Lin et al., ICML 2026, arXiv 2605.30789).
+
+A frozen small *explorer* π_ω supplies part of every GRPO group of a large *learner* π_θ early in training, and
+the share is annealed away until training is plain on-policy GRPO (Algorithm 1):
+
+    step i ≤ T_mix:  α_i = 1 − (i−1)/(T_mix−1),   G_w = ⌈α_i·G⌉ rollouts from π_ω,   G_s = G − G_w from π_θ
+    step i > T_mix:  G_w = 0                                                              (on-policy GRPO)
+    O = O_ω ∪ O_θ   — ONE group per prompt, one verifier, one joint advantage  Â_i = (r_i − mean_O r)/(std_O r + ε)
+    J(θ) = token-mean over O of  min(ρ Â, clip(ρ, 1−ε, 1+ε) Â)  −  β·k3(π_θ ‖ π_ref),     ρ = π_θ / π_θold
+
+π_θold is the learner on every token, the explorer's included (no importance correction: the released code
+recomputes the learner's log-probs on the explorer's tokens); π_ref is the learner's initial weights. The explorer
+only samples, never takes a gradient, and is frozen, so its rollouts come from an offline *bank* generated once
+before training (32 per prompt at T 0.7, top-p 0.95) and subsampled per step.
+
+Flags for the paper's baseline and ablations, and the released code's variants:
+    --t-mix 0                          plain GRPO at equal steps (no explorer, no bank): the paper's baseline
+    --t-mix N                          length of the annealing (paper 8 of 16 steps; its "5-step transition")
+    --schedule linear|cosine|step|constant   linear is the paper's; step holds α_1 until T_mix; constant holds
+                                       α_1 for the whole run (no annealing)
+    --group-mode mixed|alternating     one mixed group (paper) / an explorer-only and a learner-only update per
+                                       step, each with its own prompts and advantages, ⌈·⌉ on both sides (code)
+    --is-correction none|token_tis     none (paper, code) / min(π_θold/π_ω, --is-cap) on explorer tokens (an
+                                       early config of the code)
+    --passk-probe                      pass@k, k = 1…256, of explorer and learner: the paper's motivation
+    --bank-only                        build the explorer bank and exit (the first of two runs with vLLM)
+
+Reconstructions and deviations (evidence: ../shared/research/papers_codistill_s2l.md §2):
+  1. Mixed groups by default (the paper); the released scripts alternate single-source steps instead, and
+     --group-mode alternating reproduces them (a logical step there makes two updates, on two prompt batches).
+  2. T_mix = 1, where the formula divides by zero, is one explorer-only step and then GRPO.
+  3. One verifier, math-verify on the last \\boxed{}, grades both sources (the code graded explorer samples by a
+     string match and learner samples with DAPO's ±1 "Answer:" reward). One prompt for both sources: the bare
+     problem with a \\boxed{} instruction; DAPO's own "Answer:" wrapper is removed from its problems.
+  4. Explorer responses are capped at --max-new-tokens (the code sampled 30k tokens, graded the whole text and
+     trained on its first 4,096). The bank holds only the problems that explorer steps will draw (the data order
+     is fixed by the seed) rather than the whole dataset, and grows when a later run needs more.
+  5. Optimisation as the code's online steps: one pass in 32 mini-batches of 32 prompts × G, AdamW lr 1e-6,
+     weight decay 0.01, clip 0.2 with dual clip 3, k3 KL 0.001 (its log-ratio clamped at ±20, verl clamps k3 at
+     ±10). The code's offline steps used mini-batches of 32 *sequences* (32·G_w updates); not reproduced.
+  6. Evaluation avg@16 at T 0.7, top-p 0.8, top-k 20 (non-thinking) on AIME 24/25, MATH-500, OlympiadBench, up
+     to 8,192 tokens (paper 32k-39k), without the presence penalty 1.5, graded by math-verify (the code's scorer
+     also accepted a gold answer contained in the prediction).
+  7. Data: DAPO-Math-17k deduplicated by prompt (open-r1's processed copy of it).
+
+vLLM holds one model per process, and the explorer and learner differ in shape, so with --rollout vllm the bank is
+built by a separate invocation with --bank-only (the explorer is then that process's one vLLM engine), and the
+training run reuses it; it stops with that command if the bank is missing. With --rollout hf the training run
+builds a missing bank itself. Likewise --passk-probe probes one model per invocation under vLLM.
+
+Run:
+    torchrun --nproc_per_node 8 s2l_po.py --rollout vllm --bank-only     # 1. explorer bank (once, reused)
+    torchrun --nproc_per_node 8 s2l_po.py --rollout vllm                 # 2. Qwen3-1.7B-Base -> Qwen3-8B-Base
+    python s2l_po.py --preset 1gpu --rollout vllm --bank-only && python s2l_po.py --preset 1gpu --rollout vllm
+    python s2l_po.py --preset tiny                                       # CPU, toy world, ~3 minutes
+    python s2l_po.py --preset tiny --passk-probe                         # explorer vs learner pass@k curves
+"""
+
+import dataclasses
+import fcntl
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+import common
+import runtime
+from runtime import arg
+
+
+@dataclass
+class Args:
+    # --- run -------------------------------------------------------------------------------------------
+    preset: str = arg("paper", "bundle of defaults: paper | 1gpu | tiny (CPU toy world); explicit flags win")
+    output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
+    resume: str = arg("", "continue a run: its directory (latest checkpoint) or a checkpoints/step_N folder")
+    seed: int = arg(0, "seed for model init, data order, rollouts and the explorer bank")
+    # --- policy and data -------------------------------------------------------------------------------
+    model: str = arg("Qwen/Qwen3-8B-Base", "learner (trained): hub name, folder, tiny:base")
+    train_data: str = arg("open-r1/DAPO-Math-17k-Processed:all", "hub dataset, .jsonl file, or tiny:<families>")
+    train_split: str = arg("train", "split of --train-data")
+    problem_key: str = arg("prompt", "column holding the problem text")
+    answer_key: str = arg("solution", "column holding the gold answer")
+    prompt_template: str = arg("{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}.",
+                               "user message; {problem} is filled in")
+    answer_format: Literal["boxed", "answer_tag"] = arg("boxed", "where the final answer is read from")
+    max_prompt_tokens: int = arg(512, "prompts are left-truncated to this many tokens")
+    # --- evaluation ------------------------------------------------------------------------------------
+    eval_data: str = arg("aime24,aime25,math500,olympiadbench",
+                         "comma-separated benchmarks (names, .jsonl paths, tiny_<family>)")
+    eval_data_dir: str = arg("", "folder with <benchmark>.jsonl files, used before the hub")
+    eval_limit: int = arg(0, "evaluate on the first N problems of each benchmark (0 = all)")
+    eval_every: int = arg(4, "evaluate every N steps (and at the start and end); 0 = only at the end")
+    eval_samples: int = arg(16, "samples per problem: avg@n, pass@k, maj@n")
+    eval_temperature: float = arg(0.7, "evaluation sampling temperature")
+    eval_top_p: float = arg(0.8, "evaluation top-p")
+    eval_top_k: int = arg(20, "evaluation top-k (0 = off)")
+    eval_max_new_tokens: int = arg(8192, "evaluation response budget")
+    # --- rollouts --------------------------------------------------------------------------------------
+    total_steps: int = arg(16, "logical steps T (each one optimizer pass over its rollout batch)")
+    prompts_per_step: int = arg(1024, "P: prompts per step over all ranks")
+    group_size: int = arg(16, "G: completions per prompt, explorer and learner together")
+    max_new_tokens: int = arg(4096, "response budget in training, the explorer's included")
+    temperature: float = arg(1.0, "learner rollout temperature")
+    top_p: float = arg(1.0, "learner rollout top-p")
+    top_k: int = arg(0, "learner rollout top-k (0 = off)")
+    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU) or hf (any device)")
+    rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
+    vllm_gpu_memory_utilization: float = arg(0.3, "vllm engine: its share of GPU memory")
+    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them")
+    # --- optimisation ----------------------------------------------------------------------------------
+    lr: float = arg(1e-6, "AdamW learning rate")
+    lr_warmup_steps: int = arg(0, "linear warmup steps")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    micro_batch_size: int = arg(4, "sequences per forward/backward")
+    num_minibatches: int = arg(32, "optimizer steps per rollout batch (the code: mini-batches of 32 prompts)")
+    clip_low: float = arg(0.2, "PPO clip ε_low")
+    clip_high: float = arg(0.2, "PPO clip ε_high")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = arg("token-mean",
+                                                                                            "loss aggregation")
+    adv_scale: Literal["std", "none"] = arg("std", "group advantage: std-normalised (GRPO) or none (Dr. GRPO)")
+    grad_checkpointing: bool = arg(True, "activation checkpointing of decoder layers (CUDA only)")
+    logprob_chunk: int = arg(1024, "tokens per chunk of LM head + log-softmax")
+    # --- bookkeeping -----------------------------------------------------------------------------------
+    save_every: int = arg(4, "checkpoint every N steps (0 = never)")
+    keep_checkpoints: int = arg(2, "checkpoints kept on disk")
+    log_samples: int = arg(2, "rollouts per rank written to samples.jsonl each step")
+    grader_workers: int = arg(2, "math-verify worker processes per rank")
+    grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
+    # --- S2L-PO ------------------------------------------------------------------------------------------
+    explorer: str = arg("Qwen/Qwen3-1.7B-Base", "frozen small explorer sharing the learner's tokenizer")
+    t_mix: int = arg(8, "T_mix: steps 1..T_mix mix explorer rollouts in; 0 = plain GRPO (no explorer)")
+    schedule: Literal["linear", "cosine", "step", "constant"] = arg("linear", "how the explorer share α anneals")
+    alpha_start: float = arg(1.0, "α_1, the explorer share at step 1 (held by the step and constant schedules)")
+    group_mode: Literal["mixed", "alternating"] = arg("mixed", "one mixed group (paper) or single-source updates "
+                                                      "alternating within a step (released code)")
+    is_correction: Literal["none", "token_tis"] = arg("none", "importance weights on explorer tokens")
+    is_cap: float = arg(2.0, "token_tis: cap C of min(π_θold/π_ω, C)")
+    kl_coef: float = arg(1e-3, "β of the k3 KL to the reference (the learner's initial weights); 0 skips it")
+    dual_clip: float = arg(3.0, "dual-clip c: a negative-advantage token's loss is at most c·|A| (0 = off)")
+    bank_samples: int = arg(32, "explorer completions stored per prompt, subsampled to G_w each step")
+    bank_temperature: float = arg(0.7, "explorer sampling temperature")
+    bank_top_p: float = arg(0.95, "explorer sampling top-p")
+    bank_top_k: int = arg(0, "explorer sampling top-k (0 = off)")
+    bank_dir: str = arg("", "where explorer banks live (default $TANDEM_CACHE/s2l_banks or ~/.cache/tandem/...)")
+    bank_only: bool = arg(False, "build (or extend) the explorer bank for this run's settings, then exit")
+    passk_probe: bool = arg(False, "instead of training: pass@k curves of explorer and learner, JSON + PNG")
+    passk_models: str = arg("explorer,learner", "models the probe samples (one per invocation with vLLM)")
+    passk_samples: int = arg(256, "probe: samples per problem n; pass@k for k = 1..n (unbiased)")
+    passk_data: str = arg("", "probe benchmarks (default: --eval-data); --eval-limit and eval sampling apply")
+
+
+PRESETS = {
+    "paper": {},
+    "1gpu": dict(model="Qwen/Qwen3-1.7B-Base", explorer="Qwen/Qwen3-0.6B-Base", prompts_per_step=64, group_size=8,
+                 total_steps=100, t_mix=50, num_minibatches=2, max_new_tokens=2048, eval_max_new_tokens=4096,
+                 eval_data="aime24,math500", eval_samples=4, micro_batch_size=4, eval_every=25, save_every=25),
+    "tiny": dict(model="tiny:base", explorer="tiny:small", train_data="tiny:add,mul,lin", problem_key="problem",
+                 answer_key="answer", prompt_template="{problem}", max_prompt_tokens=64,
+                 eval_data="tiny_add,tiny_mul,tiny_lin", eval_limit=128, eval_every=10, eval_samples=4,
+                 eval_temperature=1.0, eval_top_p=1.0, eval_top_k=0, eval_max_new_tokens=48, total_steps=40,
+                 t_mix=20, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=1e-4, weight_decay=0.0,
+                 micro_batch_size=64, num_minibatches=1, save_every=20, grader_workers=1, logprob_chunk=4096,
+                 passk_samples=256, passk_data="tiny_add,tiny_mul,tiny_lin"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The method: the explorer schedule (Algorithm 1) and the GRPO loss on mixed groups
+# ----------------------------------------------------------------------------------------------------------
+def explorer_share(step: int, args: Args) -> float:
+    """α_i for the 1-based step i = step + 1: the paper's linear anneal α_i = 1 − (i−1)/(T_mix−1) from α_1 to 0
+    at T_mix, or an alternative; 0 after T_mix (on-policy GRPO)."""
+    i = step + 1
+    if args.schedule == "constant":
+        return args.alpha_start
+    if i > args.t_mix:
+        return 0.0
+    if args.schedule == "step":
+        return args.alpha_start
+    x = (i - 1) / (args.t_mix - 1) if args.t_mix > 1 else 0.0  # T_mix = 1: one explorer step (reconstruction 2)
+    if args.schedule == "cosine":
+        return args.alpha_start * 0.5 * (1.0 + math.cos(math.pi * x))
+    return args.alpha_start * (1.0 - x)
+
+
+def ceil_count(frac: float, G: int) -> int:
+    return math.ceil(round(frac * G, 9))  # 9·(1 − 1/3) is 6.000000000000001 in floating point: ⌈·⌉ must give 6
+
+
+def substeps(step: int, args: Args) -> list[tuple[int, int]]:
+    """(G_w, G_s) of each update at `step`: one mixed group, G_w = ⌈α·G⌉ and G_s = G − G_w (paper); or, alternating,
+    an explorer-only update with ⌈α·G⌉ and a learner-only one with ⌈(1−α)·G⌉ (the released code), empty ones
+    skipped."""
+    a, G = explorer_share(step, args), args.group_size
+    if args.group_mode == "mixed":
+        g_w = ceil_count(a, G)
+        return [(g_w, G - g_w)]
+    g_w, g_s = ceil_count(a, G), ceil_count(1.0 - a, G)
+    return [(g_w, 0)] * (g_w > 0) + [(0, g_s)] * (g_s > 0)
+
+
+def s2l_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, isw_BT, mask_BT, norm, args: Args):
+    """J_GRPO over the mixed group with the k3 KL to the reference, on one micro-batch. Explorer tokens are scored
+    by the learner like its own (ρ = π_θ/π_θold), optionally weighted by isw = min(π_θold/π_ω, C)."""
+    adv_BT = adv_B[:, None].expand_as(logp_BT)
+    pg_BT, low_BT, high_BT = common.ppo_clip_loss(logp_BT, old_logp_BT, adv_BT, args.clip_low, args.clip_high)
+    if args.dual_clip > 0:  # verl's dual clip: a token with A < 0 and a runaway ratio costs at most c·|A|
+        pg_BT = torch.where(adv_BT < 0, torch.minimum(pg_BT, -args.dual_clip * adv_BT), pg_BT)
+    kl_BT = common.kl_estimate(logp_BT, ref_logp_BT, "k3")  # exp(lp_ref − lp) − (lp_ref − lp) − 1
+    loss_pg = common.agg_loss(isw_BT * pg_BT, mask_BT, args.loss_agg, norm)
+    loss_kl = common.agg_loss(kl_BT, mask_BT, args.loss_agg, norm)
+    return loss_pg + args.kl_coef * loss_kl, loss_pg, loss_kl, low_BT, high_BT
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The explorer bank: the frozen explorer's rollouts, generated once, stored with the settings that made them
+# ----------------------------------------------------------------------------------------------------------
+DAPO_HEAD = "Solve the following math problem step by step. The last line of your response should be of the form"
+DAPO_TAIL = '\n\nRemember to put your answer on its own line after "Answer:"'
+
+
+def bare_problem(text: str) -> str:
+    """DAPO-Math-17k wraps each problem in an instruction to end with "Answer: ..."; both sources get the bare
+    problem in --prompt-template instead (reconstruction 3). Other data passes unchanged."""
+    if not text.startswith(DAPO_HEAD) or "\n\n" not in text:
+        return text
+    return text.split("\n\n", 1)[1].split(DAPO_TAIL, 1)[0].strip()
+
+
+def prompt_key(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
+
+
+def weights_fingerprint(path: str) -> str:
+    """sha256 over the explorer's config and weight files: a retrained explorer in the same folder is a new bank."""
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+        folder = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()[:24]
+
+
+def bank_root(args: Args) -> Path:
+    if args.bank_dir:
+        return Path(args.bank_dir)
+    return Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem")) / "s2l_banks"
+
+
+class ExplorerBank:
+    """`n` explorer completions per prompt in <root>/<hash of settings>/: manifest.json (the settings; which shard
+    holds which prompt) and shards of flat tensors (token ids, the explorer's sampling log-probs, finished flags),
+    memory-mapped. Prompts are keyed by their token ids, so a new template or dataset simply finds them missing."""
+
+    def __init__(self, root: Path, settings: dict):
+        self.settings = settings
+        self.dir = root / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.reload()
+
+    def manifest(self) -> dict:
+        path = self.dir / "manifest.json"
+        return json.loads(path.read_text()) if path.exists() else {"settings": self.settings, "shards": []}
+
+    def reload(self) -> None:
+        self.shards = [torch.load(self.dir / s, weights_only=True, mmap=True) for s in self.manifest()["shards"]]
+        self.index = {k: (i, j) for i, s in enumerate(self.shards) for j, k in enumerate(s["keys"])}
+
+    def draw(self, key: str, k: int, rng: random.Random) -> list[runtime.Completion]:
+        """k of the prompt's n completions, without replacement (with replacement only when k > n)."""
+        if key not in self.index:
+            raise KeyError(f"prompt {key} is not in the explorer bank {self.dir}: the bank and the run disagree on "
+                           f"data or template; delete that folder to rebuild it")
+        i, j = self.index[key]
+        s = self.shards[i]
+        n = s["n"]
+        picks = rng.sample(range(n), k) if k <= n else [rng.randrange(n) for _ in range(k)]
+        out = []
+        for p in picks:
+            a, b = s["offsets"][j * n + p].item(), s["offsets"][j * n + p + 1].item()
+            out.append(runtime.Completion(s["tokens"][a:b].tolist(), s["logprobs"][a:b].tolist(),
+                                          bool(s["finished"][j * n + p])))
+        return out
+
+
+def bank_problems(rows: list[dict], args: Args) -> list[dict]:
+    """The problems the explorer steps will draw: the data order is fixed by the seed, so replay it."""
+    stream = common.PromptStream(rows, args.prompts_per_step, 0, 1, args.seed)
+    need = {}
+    for step in range(args.total_steps):
+        for g_w, _ in substeps(step, args):
+            batch = stream.next()
+            if g_w:
+                need.update((r["problem"], r) for r in batch)
+    return list(need.values())
+
+
+def ensure_bank(args: Args, d, tok, vocab: int, rows: list[dict], explorer_path: str, log) -> ExplorerBank:
+    """The run's explorer bank, generating the prompts it lacks (sharded over ranks) under a lock, so that runs
+    started together build it once."""
+    sampling = runtime.Sampling(args.max_new_tokens, args.bank_temperature, args.bank_top_p, args.bank_top_k)
+    settings = {"explorer": args.explorer, "weights": weights_fingerprint(explorer_path) if d.main else None,
+                "n": args.bank_samples, "sampling": dataclasses.asdict(sampling), "seed": args.seed, "format": 1}
+    settings["weights"] = runtime.broadcast_object(settings["weights"], d)
+    bank = ExplorerBank(bank_root(args), settings)
+    prompts = {}
+    for r in bank_problems(rows, args):
+        ids = common.encode_prompt(tok, r["problem"], args.prompt_template, args.max_prompt_tokens)
+        prompts[prompt_key(ids)] = ids
+    lock = None
+    if d.main:
+        bank.dir.mkdir(parents=True, exist_ok=True)
+        lock = open(bank.dir / ".lock", "w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    runtime.dist.barrier()
+    bank.reload()
+    missing = sorted(k for k in prompts if k not in bank.index)
+    if missing and args.rollout == "vllm" and not args.bank_only:
+        raise RuntimeError(f"the explorer bank lacks {len(missing)} of this run's {len(prompts)} prompts, and with "
+                           f"--rollout vllm this process's one vLLM engine is the learner's: build the bank first "
+                           f"with the same flags plus --bank-only (e.g. torchrun ... s2l_po.py <flags> --bank-only)")
+    if missing:
+        log(f"[s2l] explorer bank {bank.dir}: generating {len(missing)} prompts x {args.bank_samples} "
+            f"({len(prompts) - len(missing)} already there)")
+        explorer = runtime.load_model(explorer_path, d, trainable=False, vocab=vocab)
+        eng = runtime.make_engine(args.rollout, explorer_path, d, tok, vocab, args)
+        runtime.sync_weights(explorer, eng)
+        del explorer
+        tag = runtime.broadcast_object(f"{len(bank.shards):04d}-{time.strftime('%Y%m%d%H%M%S')}", d)
+        mine = missing[d.rank::d.world]
+        keys, toks, lps, fin, offsets = [], [], [], [], [0]
+        for c0 in range(0, len(mine), 256):  # chunks bound the memory held as Python lists
+            chunk = mine[c0:c0 + 256]
+            seed = runtime.rollout_seed(args.seed, c0 // 256, d.rank, salt=77 + len(bank.shards))
+            for key, group in zip(chunk, eng.generate([prompts[k] for k in chunk], args.bank_samples, sampling, seed)):
+                keys.append(key)
+                for c in group:
+                    toks.append(torch.tensor(c.token_ids, dtype=torch.int32))
+                    lps.append(torch.tensor(c.logprobs, dtype=torch.float32))
+                    fin.append(c.finished)
+                    offsets.append(offsets[-1] + len(c.token_ids))
+            log(f"[s2l] explorer bank: {min(c0 + 256, len(mine))}/{len(mine)} prompts on rank {d.rank}")
+        shard = {"keys": keys, "n": args.bank_samples, "offsets": torch.tensor(offsets, dtype=torch.int64),
+                 "tokens": torch.cat(toks) if toks else torch.zeros(0, dtype=torch.int32),
+                 "logprobs": torch.cat(lps) if lps else torch.zeros(0), "finished": torch.tensor(fin, dtype=torch.bool)}
+        name = f"shard-{tag}-r{d.rank}.pt"
+        torch.save(shard, bank.dir / f".{name}.tmp")
+        os.replace(bank.dir / f".{name}.tmp", bank.dir / name)
+        del eng
+        gc.collect()
+        runtime.dist.barrier()
+        if d.main:  # the manifest names a shard only once it is complete: a crash leaves the old bank intact
+            man = bank.manifest()
+            man["shards"] += [f"shard-{tag}-r{r}.pt" for r in range(d.world)]
+            man["engine"] = args.rollout
+            (bank.dir / "manifest.tmp").write_text(json.dumps(man, indent=1))
+            os.replace(bank.dir / "manifest.tmp", bank.dir / "manifest.json")
+        runtime.dist.barrier()
+        bank.reload()
+    if lock is not None:
+        lock.close()
+    return bank
+
+
+def mixed_rollouts(engine, bank, tok, problems, g_w: int, g_s: int, sampling, args: Args, step: int, sub: int, d):
+    """G = g_w + g_s completions per problem, explorer first: g_w drawn from the bank, g_s sampled from the
+    learner (whose rollout engine holds its latest weights). Also returns source_B, 1.0 where the explorer wrote."""
+    prompts = [common.encode_prompt(tok, r["problem"], args.prompt_template, args.max_prompt_tokens) for r in problems]
+    learner = engine.generate(prompts, g_s, sampling, runtime.rollout_seed(args.seed, step, d.rank, salt=sub)) \
+        if g_s else []
+    comps = []
+    for p, ids in enumerate(prompts):
+        if g_w:  # the draw depends on (seed, step, prompt) only: the same on any world size and after --resume
+            comps += bank.draw(prompt_key(ids), g_w, random.Random(f"{args.seed}|{step}|{sub}|{prompt_key(ids)}"))
+        comps += learner[p] if g_s else []
+    texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+    G = g_w + g_s
+    ro = runtime.Rollouts(problems, [p for p in prompts for _ in range(G)], comps, texts, G)
+    source_B = torch.tensor(([1.0] * g_w + [0.0] * g_s) * len(problems))
+    return ro, source_B
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pass@k probe: explorer vs learner, k = 1..n (the paper's motivation, checkable for any pair)
+# ----------------------------------------------------------------------------------------------------------
+def passk_probe(args: Args, d, tok, vocab: int, out: Path, log) -> dict:
+    roles = [r.strip() for r in args.passk_models.split(",") if r.strip()]
+    if not roles or set(roles) - {"explorer", "learner"}:
+        raise ValueError(f"--passk-models {args.passk_models!r}: name explorer, learner or both, comma-separated")
+    if args.rollout == "vllm" and len(roles) > 1:
+        raise ValueError("--passk-probe with --rollout vllm samples one model per process (vLLM holds one): run it "
+                         "twice into the same --output-dir, with --passk-models explorer, then learner")
+    benches = common.load_benchmarks(args.passk_data or args.eval_data, args.eval_data_dir, args.eval_limit)
+    sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    grader = common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
+    path_json = out / "passk.json"
+    res = json.loads(path_json.read_text()) if path_json.exists() else {"models": {}}
+    res |= {"sampling": dataclasses.asdict(sampling), "n": args.passk_samples, "args": dataclasses.asdict(args)}
+    for role in roles:
+        name = args.explorer if role == "explorer" else args.model
+        path = runtime.resolve(name, d)
+        runtime.check_same_tokenizer(tok, runtime.load_tokenizer(path), "--model", f"the {role}")
+        model = runtime.load_model(path, d, trainable=False, vocab=vocab)
+        eng = runtime.make_engine(args.rollout, path, d, tok, vocab, args)
+        runtime.sync_weights(model, eng)
+        del model
+        curves = {}
+        for bi, (bench, rows) in enumerate(benches.items()):
+            mine = rows[d.rank::d.world]
+            prompts = [common.encode_prompt(tok, r["problem"], args.prompt_template, args.max_prompt_tokens)
+                       for r in mine]
+            seed = runtime.rollout_seed(args.seed, 0, d.rank, salt=5000 + bi)
+            outs = eng.generate(prompts, args.passk_samples, sampling, seed) if mine else []
+            counts = [int(sum(grader([tok.decode(c.token_ids, skip_special_tokens=True) for c in g],
+                                     [r["answer"]] * len(g)))) for r, g in zip(mine, outs)]
+            counts = [c for part in runtime.gather_objects(counts, d) for c in part]
+            n = args.passk_samples
+            curves[bench] = {"correct": counts, "pass@k": [sum(common.pass_at_k(n, c, k) for c in counts) / len(counts)
+                                                           for k in range(1, n + 1)]}
+            log(f"[passk] {role} {bench}: pass@1 {curves[bench]['pass@k'][0]:.3f}  pass@{n} {curves[bench]['pass@k'][-1]:.3f}")
+        res["models"][role] = {"name": name, "benchmarks": curves}
+        del eng
+        gc.collect()
+    grader.close()
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        path_json.write_text(json.dumps(res))
+        plot_passk(res, out / "passk.png")
+    return res
+
+
+def plot_passk(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    benches = sorted({b for m in res["models"].values() for b in m["benchmarks"]})
+    fig, axes = plt.subplots(1, len(benches), figsize=(3.0 * len(benches), 2.6), squeeze=False)
+    for ax, bench in zip(axes[0], benches):
+        for role, m in sorted(res["models"].items()):
+            if bench in m["benchmarks"]:
+                y = m["benchmarks"][bench]["pass@k"]
+                ax.plot(range(1, len(y) + 1), y, label=f"{role} ({m['name']})", lw=1.5)
+        ax.set_xscale("log", base=2)
+        ax.set_title(bench, fontsize=9)
+        ax.set_xlabel("k", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("pass@k", fontsize=8)
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train loop
+# ----------------------------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    if args.t_mix < 0:
+        raise ValueError(f"--t-mix {args.t_mix}: use 0 (plain GRPO) or the number of mixing steps")
+    if not 0.0 <= args.alpha_start <= 1.0:
+        raise ValueError(f"--alpha-start {args.alpha_start}: the explorer share must lie in [0, 1]")
+    if args.bank_samples < 1 or args.passk_samples < 1:
+        raise ValueError("--bank-samples and --passk-samples must be at least 1")
+    if args.is_cap <= 0:
+        raise ValueError(f"--is-cap {args.is_cap}: the importance-weight cap must be positive")
+
+
+def main(args: Args) -> None:
+    d, out, ckpt = runtime.start(args, __file__)
+    check_args(args)
+
+    # --- models and data ---------------------------------------------------------------------------------
+    learner_path = runtime.resolve(args.model, d)
+    tok = runtime.load_tokenizer(learner_path)
+    vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
+    say = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
+    if args.passk_probe:
+        passk_probe(args, d, tok, vocab, out, say)
+        runtime.dist.destroy_process_group()
+        return
+    rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
+    rows = [{**r, "problem": bare_problem(r["problem"])} for r in rows]
+    uses_explorer = any(g_w for step in range(args.total_steps) for g_w, _ in substeps(step, args))
+    bank = None
+    if uses_explorer or args.bank_only:
+        explorer_path = runtime.resolve(args.explorer, d)
+        runtime.check_same_tokenizer(tok, runtime.load_tokenizer(explorer_path), "--model", "--explorer")
+        bank = ensure_bank(args, d, tok, vocab, rows, explorer_path, say)
+        if args.bank_only:
+            say(f"[s2l] explorer bank ready: {bank.dir} ({len(bank.index)} prompts)")
+            runtime.dist.destroy_process_group()
+            return
+    cuda_ckpt = args.grad_checkpointing and d.device.type == "cuda"
+    learner = runtime.load_model(learner_path, d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
+    ref = runtime.load_model(learner_path, d, trainable=False, vocab=vocab) if args.kl_coef > 0 else None
+    engine = runtime.make_engine(args.rollout, learner_path, d, tok, vocab, args)
+    runtime.seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts
+    opt = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    grader = common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
+    stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
+    benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
+    train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    start = 0
+    if ckpt:
+        state = runtime.load_checkpoint(ckpt, {"learner": learner}, {"learner": opt}, d)
+        stream.load_state_dict(state["data"])
+        start = state["step"]
+    log = runtime.RunLog(out, d, args, start, args.total_steps)
+    log.print(f"[s2l] {out}  world={d.world}  device={d.device.type}  steps {start}->{args.total_steps}  "
+              f"explorer {'bank ' + str(bank.dir) if bank else 'none (GRPO)'}")
+    runtime.sync_weights(learner, engine)
+
+    def run_eval(step: int, tag: str = "") -> None:
+        res = runtime.evaluate(engine, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
+                               [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens)
+        log.eval(step, res, tag)
+
+    if start == 0 and args.eval_every and args.total_steps > 0:
+        run_eval(0)
+    for step in range(start, args.total_steps):
+        t_step = time.perf_counter()
+        timing, parts = defaultdict(float), []
+        for g in opt.param_groups:
+            g["lr"] = runtime.lr_at(step, args.lr, args.lr_warmup_steps)
+        for sub, (g_w, g_s) in enumerate(substeps(step, args)):
+            # --- rollout: G_w explorer completions from the bank + G_s from the learner, one group per prompt
+            t0 = time.perf_counter()
+            ro, source_B = mixed_rollouts(engine, bank, tok, stream.next(), g_w, g_s, train_sampling, args, step,
+                                          sub, d)
+            engine.sleep()  # free the GPU for the update (vLLM); the weight sync below wakes it
+            timing["rollout"] += time.perf_counter() - t0
+
+            # --- reward: one verifier for both sources -> one joint group advantage over the mixed group
+            t0 = time.perf_counter()
+            correct_B = torch.tensor(grader(ro.texts, ro.answers))
+            correct_PG = correct_B.view(-1, ro.G)
+            adv_B = common.group_advantages(correct_PG, args.adv_scale).view(-1).to(d.device)
+            timing["reward"] += time.perf_counter() - t0
+
+            batch = ro.batch(tok.pad_token_id, d.device)
+            engine_logp_BT = ro.engine_logprobs(batch.T, d.device)  # explorer tokens: π_ω's sampling log-probs
+            expl_BT = source_B.to(d.device)[:, None] * batch.mask_BT
+            mbs = list(batch.micro_batches(args.micro_batch_size))
+            per_update = -(-len(mbs) // args.num_minibatches)
+            updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
+
+            # --- old log-probs: the learner's, on explorer tokens too; on-policy they are the live ones, detached
+            old_logp_BT = None
+            if len(updates) > 1:
+                with torch.no_grad():
+                    old_logp_BT = torch.zeros_like(batch.mask_BT)
+                    for rows, mb in mbs:
+                        old_logp_BT[rows, :mb.T] = common.token_logprobs(learner, mb, vocab, args.temperature,
+                                                                         args.logprob_chunk)[0]
+
+            # --- update: the reference scores the tokens, the learner takes the GRPO step on the mixed group
+            t0, t_ref = time.perf_counter(), 0.0
+            sums = dict.fromkeys(("kl/ref", "policy/entropy", "policy/clip_low", "policy/clip_high",
+                                  "sampling/logp_diff_mean"), 0.0)
+            ssums = dict.fromkeys(("explorer/learner_logp", "explorer/logp_gap", "is/weight_mean", "is/capped_frac"),
+                                  0.0)
+            losses, diff_max, gnorm = {"loss/total": 0.0, "loss/pg": 0.0, "loss/kl": 0.0}, 0.0, 0.0
+            for update in updates:
+                norm = common.LossNorm.of([mb.mask_BT for _, mb in update], args.max_new_tokens)
+                for i, (rows, mb) in enumerate(update):
+                    learner.set_requires_gradient_sync(i == len(update) - 1)  # reduce-scatter once per update
+                    h_NH = common.response_hidden(learner, mb)
+                    logp_N, ent_N = common.logprobs_from_hidden(h_NH, learner.get_output_embeddings(),
+                                                                common.response_targets(mb), vocab, args.temperature,
+                                                                args.logprob_chunk)
+                    tt = time.perf_counter()
+                    r_logp_N = logp_N.detach()  # no reference: the k3 term vanishes
+                    if ref is not None:
+                        with torch.no_grad():
+                            r_logp_N, _ = common.logprobs_from_hidden(common.response_hidden(ref, mb),
+                                                                      ref.get_output_embeddings(),
+                                                                      common.response_targets(mb), vocab,
+                                                                      args.temperature, args.logprob_chunk)
+                    t_ref += time.perf_counter() - tt
+                    logp_BT, ref_logp_BT = common.to_grid(logp_N, mb), common.to_grid(r_logp_N, mb)
+                    old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
+                    e = expl_BT[rows, :mb.T]
+                    isw_BT = torch.ones_like(old_BT)
+                    if args.is_correction == "token_tis":  # min(π_θold/π_ω, C) on explorer tokens, 1 on its own
+                        isw_BT = torch.where(e > 0, common.truncated_is_weights(
+                            old_BT, engine_logp_BT[rows, :mb.T], args.is_cap), isw_BT)
+                    loss, l_pg, l_kl, low_BT, high_BT = s2l_loss(logp_BT, old_BT, ref_logp_BT, adv_B[rows], isw_BT,
+                                                                 mb.mask_BT, norm, args)
+                    loss.backward()
+                    with torch.no_grad():  # token sums; divided by the tokens of each kind below
+                        m = mb.mask_BT
+                        diff_BT = (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * (m - e)
+                        for k, v in (("loss/total", loss), ("loss/pg", l_pg), ("loss/kl", l_kl)):
+                            losses[k] += v.item() / len(updates)
+                        for k, v in (("kl/ref", common.kl_estimate(logp_BT, ref_logp_BT, "k3") * m),
+                                     ("policy/entropy", common.to_grid(ent_N, mb) * m), ("policy/clip_low", low_BT * m),
+                                     ("policy/clip_high", high_BT * m), ("sampling/logp_diff_mean", diff_BT)):
+                            sums[k] += v.sum().item()
+                        for k, v in (("explorer/learner_logp", logp_BT * e),
+                                     ("explorer/logp_gap", (engine_logp_BT[rows, :mb.T] - logp_BT) * e),
+                                     ("is/weight_mean", isw_BT * e), ("is/capped_frac", (isw_BT >= args.is_cap) * e)):
+                            ssums[k] += v.sum().item()
+                        diff_max = max(diff_max, diff_BT.max().item())
+                gnorm = runtime.clip_grad_norm(learner, args.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            timing["ref"] += t_ref
+            timing["update"] += time.perf_counter() - t0 - t_ref
+
+            # --- weight sync: the rollout engine gets the new weights, one parameter at a time
+            t0 = time.perf_counter()
+            runtime.sync_weights(learner, engine)
+            timing["sync"] += time.perf_counter() - t0
+
+            # --- this update's metrics, per source where the two differ
+            n_tok, n_expl = batch.mask_BT.sum().item(), expl_BT.sum().item()
+            m = {**losses, **{k: v / n_tok for k, v in sums.items()}, **ro.stats(), "policy/grad_norm": gnorm,
+                 "sampling/logp_diff_max/max": diff_max,
+                 "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean().item()}
+            if n_expl == n_tok:  # no learner tokens: no engine mismatch to report
+                m = {k: v for k, v in m.items() if not k.startswith("sampling/")}
+            if n_expl:
+                m |= {k: v / n_expl for k, v in ssums.items() if args.is_correction == "token_tis" or k[:3] != "is/"}
+            lengths_B = batch.mask_BT.sum(1).cpu()
+            for s, sel in (("explorer", source_B > 0), ("learner", source_B == 0)):
+                if sel.any():
+                    a = adv_B.cpu()[sel]
+                    m |= {f"reward/{s}": correct_B[sel].mean().item(), f"adv/{s}_mean": a.mean().item(),
+                          f"adv/{s}_std": a.std().item() if len(a) > 1 else 0.0,
+                          f"response/{s}_length": lengths_B[sel].float().mean().item()}
+            parts.append((m, correct_B, ro, source_B))
+        timing["step"] = time.perf_counter() - t_step
+
+        # --- log: the step's updates merged (alternating mode makes two), sequence-weighted where it matters
+        metrics = {}
+        for k in {k for p in parts for k in p[0]}:
+            vals = [p[0][k] for p in parts if k in p[0]]
+            metrics[k] = max(vals) if k.endswith("/max") else sum(vals) / len(vals)
+        metrics |= {"reward/mean": torch.cat([p[1] for p in parts]).mean().item(),
+                    "explorer/share": torch.cat([p[3] for p in parts]).mean().item(),
+                    "explorer/alpha": explorer_share(step, args), "lr": opt.param_groups[0]["lr"],
+                    "perf/tokens_per_s": sum(p[2].num_tokens for p in parts) / timing["step"],
+                    **{f"timing_s/{k}": v for k, v in timing.items()}}
+        if ref is None:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(("kl/ref", "timing_s/ref"))}
+        log.metrics(step + 1, runtime.all_reduce_mean(metrics, d), show=("reward/mean", "explorer/share", "kl/ref"))
+        for _, correct_B, ro, source_B in parts:
+            log.samples(step + 1, [{**s, "source": "explorer" if source_B[i] else "learner"}
+                                   for i, s in enumerate(ro.samples(correct_B.tolist(), args.log_samples))])
+
+        # --- eval, then checkpoint (so that a checkpoint implies its step's eval is logged)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.total_steps:
+            run_eval(step + 1)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.total_steps:
+            runtime.save_checkpoint(out, step + 1, {"learner": learner}, {"learner": opt},
+                                    {"data": stream.state_dict()}, d, args.keep_checkpoints)
+
+    # --- final save, eval, summary
+    runtime.save_hf(learner, tok, out / "final", d)
+    run_eval(args.total_steps)
+    log.close(("reward/mean", "reward/explorer", "reward/learner", "explorer/share", "kl/ref", "response/mean_length"))
+    grader.close()
+    log.print(f"[s2l] done: {out}")
+    runtime.dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(runtime.parse_args(Args, PRESETS))
