@@ -61,7 +61,6 @@ Run:
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -505,7 +504,7 @@ def main(args: Args) -> None:
     log.close(("reward/mean", "kl/large", "large/reward/mean", "response/mean_length", "timing_s/large_step"))
     grader.close()
     log.print(f"[codistill] done: {out}")
-    runtime.dist.destroy_process_group()
+    runtime.finish()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ Run:
     python copd.py --preset tiny --mode mixed                   # a baseline: mixed RLVR at the same total steps
 """
 
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -546,7 +545,7 @@ def main(args: Args) -> None:
         v.close()
     pool.shutdown()
     log.print(f"[copd] done: {out}")
-    runtime.dist.destroy_process_group()
+    runtime.finish()
 
 
 if __name__ == "__main__":

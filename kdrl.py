@@ -340,7 +340,7 @@ def main(args: Args) -> None:
     log.close(("reward/mean", "kl/teacher", "loss/total", "response/mean_length", "kd/coef"))
     grader.close()
     log.print(f"[kdrl] done: {out}")
-    runtime.dist.destroy_process_group()
+    runtime.finish()
 
 
 if __name__ == "__main__":

@@ -99,6 +99,14 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local, device)
 
 
+def finish() -> None:
+    """Tear the process group down once every rank is done with it: the barrier keeps one rank from closing its
+    gloo connections while another still has work in flight on them (which can abort that rank at exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def start(args, script: str):
     """Process group, seeds, the checkpoint to resume from (if any) and the run directory."""
     d = init_distributed()

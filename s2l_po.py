@@ -494,7 +494,7 @@ def main(args: Args) -> None:
     say = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
     if args.passk_probe:
         passk_probe(args, d, tok, vocab, out, say)
-        runtime.dist.destroy_process_group()
+        runtime.finish()
         return
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     rows = [{**r, "problem": bare_problem(r["problem"])} for r in rows]
@@ -506,7 +506,7 @@ def main(args: Args) -> None:
         bank = ensure_bank(args, d, tok, vocab, rows, explorer_path, say)
         if args.bank_only:
             say(f"[s2l] explorer bank ready: {bank.dir} ({len(bank.index)} prompts)")
-            runtime.dist.destroy_process_group()
+            runtime.finish()
             return
     cuda_ckpt = args.grad_checkpointing and d.device.type == "cuda"
     learner = runtime.load_model(learner_path, d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
@@ -680,7 +680,7 @@ def main(args: Args) -> None:
     log.close(("reward/mean", "reward/explorer", "reward/learner", "explorer/share", "kl/ref", "response/mean_length"))
     grader.close()
     log.print(f"[s2l] done: {out}")
-    runtime.dist.destroy_process_group()
+    runtime.finish()
 
 
 if __name__ == "__main__":

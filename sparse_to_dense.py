@@ -525,7 +525,7 @@ def main(args: Args) -> None:
     log.close(("reward/mean", "kl/forward", "kl/reverse", "response/mean_length"))
     grader.close()
     log.print(f"[sparse_to_dense] done: {out}")
-    runtime.dist.destroy_process_group()
+    runtime.finish()
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def main() -> None:
     (out / "table.md").write_text(f"`{' '.join(sys.argv)}`, seeds {a.seeds}, {a.steps - 1} timed steps each\n\n"
                                   f"{table}\n")
     print(table)
-    runtime.dist.destroy_process_group()
+    runtime.finish()
 
 
 if __name__ == "__main__":

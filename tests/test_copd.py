@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 import copd

@@ -101,10 +101,10 @@ def test_grpo_loss_matches_loop_with_dual_clip():
         want = 0.0
         for b, t in itertools.product(range(4), range(5)):
             rho, a = math.exp(logp[b, t] - old[b, t]), adv[b].item()
-            l = -min(rho * a, min(max(rho, 0.8), 1.28) * a)
+            loss_t = -min(rho * a, min(max(rho, 0.8), 1.28) * a)
             if c and a < 0:
-                l = min(l, -c * a)
-            want += l * mask[b, t].item()
+                loss_t = min(loss_t, -c * a)
+            want += loss_t * mask[b, t].item()
         assert abs(loss.item() - want / mask.sum().item()) < 1e-5
 
 
