@@ -250,11 +250,16 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
 
 
 def test_tiny_preset_learns(tmp_path, warm):
-    """The README's tiny run: 40 S2L-PO steps of tiny:base with explorer tiny:small (T_mix 20). MEASURED_DOC"""
+    """The README's tiny run: 40 S2L-PO steps of tiny:base with explorer tiny:small (T_mix 20).
+
+    In the study (bench/study.py, seeds 0-2, the same command) the mean held-out accuracy over the three families
+    rose from 0.142 to 0.530, by 0.388 ± 0.010 (smallest 0.382); the margin of 0.25 sits over ten standard
+    deviations below that, and still far above what evaluation noise alone could produce (±0.03 at 4 × 128
+    samples per family)."""
     out = tmp_path / "run"
     run_script("s2l_po.py", "--preset", "tiny", "--output-dir", str(out), "--eval-every", "20", "--save-every", "0")
     evals = read_jsonl(out / "eval.jsonl")
     acc = {s: sum(e["avg@4"] for e in evals if e["step"] == s) / 3 for s in (0, 40)}
-    assert acc[40] >= acc[0] + MARGIN, acc
+    assert acc[40] >= acc[0] + 0.25, acc
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows[0]["explorer/share"] == 1.0 and rows[-1]["explorer/share"] == 0.0
