@@ -383,7 +383,7 @@ class HFEngine:
 
 def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then top-p (nucleus) filtering: removed tokens get -inf, the most likely token always survives."""
-    if top_k and top_k < logits_BV.shape[-1]:
+    if 0 < top_k < logits_BV.shape[-1]:  # 0 or -1: no top-k (both vLLM spellings)
         kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
     if top_p < 1.0:

@@ -56,7 +56,7 @@ def test_sampled_logprobs_equal_trainer_logprobs_and_seed_reproduces():
 
 def _filter_ref(row, top_k, top_p):
     order = sorted(range(len(row)), key=lambda i: -row[i])
-    keep = set(order[:top_k] if top_k else order)
+    keep = set(order[:top_k] if top_k > 0 else order)  # 0 and -1 both mean no top-k
     probs = [math.exp(row[i]) for i in order if i in keep]
     z, cum, kept = sum(probs), 0.0, set()
     for i in [i for i in order if i in keep]:
@@ -67,7 +67,7 @@ def _filter_ref(row, top_k, top_p):
     return kept
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (3, 1.0), (4, 0.7), (0, 1.0), (1, 0.9)])
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (3, 1.0), (4, 0.7), (0, 1.0), (1, 0.9), (-1, 1.0), (-1, 0.6)])
 def test_filter_logits_matches_loop(top_k, top_p):
     logits = torch.randn(6, 10)
     out = runtime.filter_logits(logits.clone(), top_k, top_p)
