@@ -263,13 +263,9 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
     return out
 
 
-@torch.no_grad()
 def score(model, batch: common.Batch, vocab: int, args: Args):
     """[B, T] log-probs of the response tokens under `model` as it is now (a pre-update snapshot), no gradient."""
-    out_BT = torch.zeros_like(batch.mask_BT)
-    for rows, mb in batch.micro_batches(args.micro_batch_size):
-        out_BT[rows, :mb.T] = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)[0]
-    return out_BT
+    return common.score_logprobs(model, batch, vocab, args.temperature, args.micro_batch_size, args.logprob_chunk)
 
 
 def merge_groups(x, y, gx: int, gy: int, pad=0):

@@ -684,9 +684,30 @@ def token_logprobs(model, batch: Batch, vocab: int, temperature: float = 1.0, ch
     return to_grid(logp_N, batch), to_grid(ent_N, batch)
 
 
+@torch.no_grad()
+def score_logprobs(model, batch: Batch, vocab: int, temperature: float, micro_batch_size: int,
+                   chunk: int = 1024) -> torch.Tensor:
+    """[B, T] log-probs of the response tokens under `model` as it is now, without gradient, one micro-batch at a
+    time: the pre-update π_old of a multi-minibatch update, or a frozen / partner model's scores."""
+    out_BT = torch.zeros_like(batch.mask_BT)
+    for rows, mb in batch.micro_batches(micro_batch_size):
+        out_BT[rows, :mb.T] = token_logprobs(model, mb, vocab, temperature, chunk)[0]
+    return out_BT
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Data: problems from the toy world, a local jsonl file or folder, or the hub
 # ----------------------------------------------------------------------------------------------------------
+_DAPO_HEAD = re.compile(r"^Solve the following math problem step by step\..*?\n\n", re.S)
+_DAPO_TAIL = re.compile(r"\s*Remember to put your answer on its own line after \"Answer:\"\.?\s*$")
+
+
+def strip_dapo_wrapper(problem: str) -> str:
+    """The bare problem of a DAPO-Math-17k row: DAPO wraps each problem in an instruction to end with "Answer: ...",
+    which contradicts a \\boxed{} prompt template. Other problems pass unchanged."""
+    return _DAPO_TAIL.sub("", _DAPO_HEAD.sub("", problem)).strip()
+
+
 def load_problems(source: str, split: str = "train", problem_key: str = "problem", answer_key: str = "answer",
                   limit: int = 0, seed: int = 0) -> list[dict]:
     """Rows {"problem", "answer", ...} from `tiny:<families>`, a .jsonl file, or a hub dataset `org/name[:config]`.

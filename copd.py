@@ -37,6 +37,9 @@ Reconstructions of what the paper leaves open (../shared/research/papers_copd.md
      Minerva; code pass rate on a held-out slice of the code data (--code-heldout), same sampling.
 Deviations: none in the objective. One rollout engine serves every branch: each branch's weights are pushed into it
 before its rollouts (vLLM allows one engine per process), so a step costs K weight pushes.
+Tiny preset: the base is tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the
+two branches have different things to learn; T = 40 steps per branch with S_RL : S_OPD = 6 : 4 (the paper's
+1.5 : 1), lr 1e-4.
 
 Run:
     torchrun --nproc_per_node 8 copd.py --rollout vllm          # paper setup: math + code branches, 8 GPUs
@@ -420,11 +423,9 @@ def main(args: Args) -> None:
         for k in students:
             for part in parts[k]:
                 if part["kind"] == "cross":
-                    part["teacher_logp_BT"] = torch.zeros_like(part["batch"].mask_BT)
-                    with torch.no_grad():
-                        for rows_, mb in part["batch"].micro_batches(args.micro_batch_size):
-                            part["teacher_logp_BT"][rows_, :mb.T] = common.token_logprobs(
-                                branches[part["teacher"]], mb, vocab, args.temperature, args.logprob_chunk)[0]
+                    part["teacher_logp_BT"] = common.score_logprobs(branches[part["teacher"]], part["batch"], vocab,
+                                                                    args.temperature, args.micro_batch_size,
+                                                                    args.logprob_chunk)
         timing["teacher"] = time.perf_counter() - t0
 
         # --- reward: verifier accuracy -> group advantages (Eq. rlvr), native parts only

@@ -252,13 +252,8 @@ def main(args: Args) -> None:
         updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
 
         # --- old log-probs: recomputed by the trainer; on-policy (one minibatch) they are the live ones, detached
-        old_logp_BT = None
-        if len(updates) > 1:
-            with torch.no_grad():
-                old_logp_BT = torch.zeros_like(batch.mask_BT)
-                for rows, mb in mbs:
-                    old_logp_BT[rows, :mb.T] = common.token_logprobs(student, mb, vocab, args.temperature,
-                                                                     args.logprob_chunk)[0]
+        old_logp_BT = common.score_logprobs(student, batch, vocab, args.temperature, args.micro_batch_size,
+                                            args.logprob_chunk) if len(updates) > 1 else None
 
         # --- update: the teacher scores the student's tokens, the student takes the KDRL step
         t0, t_teacher = time.perf_counter(), 0.0

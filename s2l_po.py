@@ -49,11 +49,16 @@ built by a separate invocation with --bank-only (the explorer is then that proce
 training run reuses it; it stops with that command if the bank is missing. With --rollout hf the training run
 builds a missing bank itself. Likewise --passk-probe probes one model per invocation under vLLM.
 
+Tiny preset: the learner is tiny:base, not tiny:large. tiny:large already works every problem out, so a weaker
+explorer has nothing to show it; tiny:base is the large architecture fine-tuned to answer 80% of the time at once,
+as an untuned base model rarely reasons, and the explorer tiny:small works most answers out. T_mix is 20 of the
+40 steps, half the run as in the paper (T_mix 8 of 16 steps); lr 1e-4 is the toy world's working RL rate.
+
 Run:
     torchrun --nproc_per_node 8 s2l_po.py --rollout vllm --bank-only     # 1. explorer bank (once, reused)
     torchrun --nproc_per_node 8 s2l_po.py --rollout vllm                 # 2. Qwen3-1.7B-Base -> Qwen3-8B-Base
     python s2l_po.py --preset 1gpu --rollout vllm --bank-only && python s2l_po.py --preset 1gpu --rollout vllm
-    python s2l_po.py --preset tiny                                       # CPU, toy world, ~3 minutes
+    python s2l_po.py --preset tiny                                       # CPU, toy world, about a minute
     python s2l_po.py --preset tiny --passk-probe                         # explorer vs learner pass@k curves
 """
 
@@ -227,18 +232,6 @@ def s2l_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, isw_BT, mask_BT, norm, ar
 # ----------------------------------------------------------------------------------------------------------
 # The explorer bank: the frozen explorer's rollouts, generated once, stored with the settings that made them
 # ----------------------------------------------------------------------------------------------------------
-DAPO_HEAD = "Solve the following math problem step by step. The last line of your response should be of the form"
-DAPO_TAIL = '\n\nRemember to put your answer on its own line after "Answer:"'
-
-
-def bare_problem(text: str) -> str:
-    """DAPO-Math-17k wraps each problem in an instruction to end with "Answer: ..."; both sources get the bare
-    problem in --prompt-template instead (reconstruction 3). Other data passes unchanged."""
-    if not text.startswith(DAPO_HEAD) or "\n\n" not in text:
-        return text
-    return text.split("\n\n", 1)[1].split(DAPO_TAIL, 1)[0].strip()
-
-
 def prompt_key(ids: list[int]) -> str:
     return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
 
@@ -497,7 +490,7 @@ def main(args: Args) -> None:
         runtime.finish()
         return
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
-    rows = [{**r, "problem": bare_problem(r["problem"])} for r in rows]
+    rows = [{**r, "problem": common.strip_dapo_wrapper(r["problem"])} for r in rows]  # reconstruction 3
     uses_explorer = any(g_w for step in range(args.total_steps) for g_w, _ in substeps(step, args))
     bank = None
     if uses_explorer or args.bank_only:
@@ -564,13 +557,8 @@ def main(args: Args) -> None:
             updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
 
             # --- old log-probs: the learner's, on explorer tokens too; on-policy they are the live ones, detached
-            old_logp_BT = None
-            if len(updates) > 1:
-                with torch.no_grad():
-                    old_logp_BT = torch.zeros_like(batch.mask_BT)
-                    for rows, mb in mbs:
-                        old_logp_BT[rows, :mb.T] = common.token_logprobs(learner, mb, vocab, args.temperature,
-                                                                         args.logprob_chunk)[0]
+            old_logp_BT = common.score_logprobs(learner, batch, vocab, args.temperature, args.micro_batch_size,
+                                                args.logprob_chunk) if len(updates) > 1 else None
 
             # --- update: the reference scores the tokens, the learner takes the GRPO step on the mixed group
             t0, t_ref = time.perf_counter(), 0.0

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,20 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def finite(row: dict) -> bool:
     return all(math.isfinite(v) for v in row.values() if isinstance(v, (int, float)))
+
+
+def stop_after(full: Path, stopped: Path, step: int, copy: tuple[str, ...] = ()) -> None:
+    """Make `stopped` the run directory `full` would have been had it stopped right after `step`: its checkpoint
+    (or the given paths under `full`) and the metrics and eval rows logged up to that step."""
+    for c in copy or (f"checkpoints/step_{step}",):
+        (stopped / c).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (full / c).is_dir() else shutil.copy)(full / c, stopped / c)
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        if (full / name).exists():
+            (stopped / name).write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(full / name)
+                                                if r["step"] <= step))
+
+
+def without_timing(row: dict) -> dict:
+    """A metrics row without its wall-clock entries, the only ones an exact resume may change."""
+    return {k: v for k, v in row.items() if not k.startswith(("timing_s/", "perf/"))}

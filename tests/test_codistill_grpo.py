@@ -4,7 +4,6 @@ and 2-rank torchrun), the paper's baselines by flags, learning, exact resume, an
 import itertools
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 import codistill_grpo as cd
 import common
 import runtime
-from conftest import finite, read_jsonl, run_script
+from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--eval-every", "2", "--save-every", "2", "--eval-limit", "16",
          "--eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4")
@@ -170,19 +169,13 @@ def test_end_to_end_python_and_exact_resume(tmp_path, warm):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final_large").config.hidden_size == 128
 
     stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "run" / "checkpoints" / "step_2", stopped / "checkpoints" / "step_2")
-    for name, keep in (("metrics.jsonl", rows[:2]), ("eval.jsonl", [e for e in evals if e["step"] <= 2])):
-        (stopped / name).write_text("".join(json.dumps(r) + "\n" for r in keep))
+    stop_after(tmp_path / "run", stopped, 2)
     run_script("codistill_grpo.py", *SMOKE, "--resume", str(stopped))
     resumed = read_jsonl(stopped / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
 
-    def strip(r):
-        return {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
-
     for a, b in zip(rows[2:], resumed[2:]):
-        assert strip(a) == strip(b)
+        assert without_timing(a) == without_timing(b)
     assert read_jsonl(stopped / "eval.jsonl") == evals
 
 

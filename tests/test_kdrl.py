@@ -2,7 +2,6 @@
 and clear errors on bad input."""
 
 import json
-import shutil
 import time
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import common
 import kdrl
 import runtime
-from conftest import finite, read_jsonl, run_script
+from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--eval-every", "2", "--save-every", "2", "--eval-limit", "16",
          "--eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4")
@@ -100,19 +99,14 @@ def test_resume_continues_exactly(tmp_path, warm):
             "--eval-samples", "1", "--prompts-per-step", "4", "--group-size", "4")
     run_script("kdrl.py", *args, "--output-dir", str(tmp_path / "full"))
     stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_3", stopped / "checkpoints" / "step_3")
+    stop_after(tmp_path / "full", stopped, 3)
     full_rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
-    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full_rows[:3]))
     run_script("kdrl.py", *args, "--resume", str(stopped))
     resumed = read_jsonl(stopped / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))
 
-    def strip(r):
-        return {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
-
     for a, b in zip(full_rows[3:], resumed[3:]):
-        assert strip(a) == strip(b)
+        assert without_timing(a) == without_timing(b)
 
 
 def test_bad_input_errors_are_clear(tmp_path, warm):

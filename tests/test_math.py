@@ -155,6 +155,18 @@ def test_token_logprobs_match_model_logits():
     assert (logp * (1 - batch.mask_BT)).abs().max() == 0
 
 
+def test_score_logprobs_over_micro_batches_equals_one_pass():
+    """Scoring one trimmed micro-batch at a time fills the same [B, T] grid as one pass over the whole batch, with
+    no graph kept."""
+    model = _tiny_model()
+    prompts, responses = [[5, 6, 7], [8, 9], [3], [4, 4, 4, 4]], [[10, 11, 1], [12, 1], [13, 14, 15, 1], [16]]
+    batch = common.Batch.of(prompts, responses, pad_id=0, device="cpu")
+    want, _ = common.token_logprobs(model, batch, vocab=36, temperature=0.7, chunk=3)
+    got = common.score_logprobs(model, batch, vocab=36, temperature=0.7, micro_batch_size=1, chunk=3)
+    torch.testing.assert_close(got, want.detach())
+    assert not got.requires_grad
+
+
 def test_batch_layout_and_micro_batches():
     batch = common.Batch.of([[5, 6], [7]], [[8, 9, 1], [2]], pad_id=0, device="cpu")
     assert batch.ids_BT.tolist() == [[5, 6, 8, 9, 1], [7, 2, 0, 0, 0]]

@@ -12,7 +12,7 @@ import torch
 import common
 import runtime
 import s2l_po
-from conftest import finite, read_jsonl, run_script
+from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--t-mix", "3", "--eval-every", "2", "--save-every", "2",
          "--eval-limit", "16", "--eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4",
@@ -93,12 +93,12 @@ def test_loss_matches_loop_reference(dual):
     assert abs(loss.item() - _loss_ref(logp, old, ref, adv, isw, mask, 0.2, dual, 0.1)) < 1e-5
 
 
-def test_bare_problem_removes_the_dapo_wrapper_only():
+def test_dapo_wrapper_is_removed_and_nothing_else():
     wrapped = ("Solve the following math problem step by step. The last line of your response should be of the form "
                "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\nWhat is $1+1$?\n\n"
                'Remember to put your answer on its own line after "Answer:".')
-    assert s2l_po.bare_problem(wrapped) == "What is $1+1$?"
-    assert s2l_po.bare_problem("What is 3+4?\n\nShow work.") == "What is 3+4?\n\nShow work."
+    assert common.strip_dapo_wrapper(wrapped) == "What is $1+1$?"
+    assert common.strip_dapo_wrapper("What is 3+4?\n\nShow work.") == "What is 3+4?\n\nShow work."
 
 
 def test_bank_draws_without_replacement_and_reproducibly(tmp_path):
@@ -215,20 +215,15 @@ def test_resume_continues_exactly(tmp_path, warm):
             "--bank-samples", "4", "--bank-dir", str(tmp_path / "banks"))
     run_script("s2l_po.py", *args, "--output-dir", str(tmp_path / "full"))
     stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_3", stopped / "checkpoints" / "step_3")
+    stop_after(tmp_path / "full", stopped, 3)
     full_rows = read_jsonl(tmp_path / "full" / "metrics.jsonl")
-    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full_rows[:3]))
     run_script("s2l_po.py", *args, "--resume", str(stopped))
     resumed = read_jsonl(stopped / "metrics.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 7))
 
-    def strip(r):
-        return {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
-
     assert full_rows[3]["explorer/share"] > 0  # the resumed part still mixes explorer rollouts in
     for a, b in zip(full_rows[3:], resumed[3:]):
-        assert strip(a) == strip(b)
+        assert without_timing(a) == without_timing(b)
 
 
 def test_bad_input_errors_are_clear(tmp_path, warm):

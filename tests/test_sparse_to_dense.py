@@ -5,7 +5,6 @@ errors on bad input."""
 import itertools
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch
 import common
 import runtime
 import sparse_to_dense as s2d
-from conftest import finite, read_jsonl, run_script
+from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
 SHORT = ("--preset", "tiny", "--eval-limit", "8", "--eval-samples", "2", "--prompts-per-step", "4", "--group-size",
          "4", "--distill-prompts-per-step", "4")
@@ -130,8 +129,8 @@ def test_stage_parsing_and_dapo_prompts():
     dapo = ("Solve the following math problem step by step. The last line of your response should be of the form "
             "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\nFind $x$ if $2x=4$.\n\n"
             "Remember to put your answer on its own line after \"Answer:\".")
-    assert s2d.strip_dapo_instructions(dapo) == "Find $x$ if $2x=4$."
-    assert s2d.strip_dapo_instructions("What is 2+2?") == "What is 2+2?"
+    assert common.strip_dapo_wrapper(dapo) == "Find $x$ if $2x=4$."
+    assert common.strip_dapo_wrapper("What is 2+2?") == "What is 2+2?"
 
 
 def _check_run(out, stages, steps_each):
@@ -194,22 +193,14 @@ def test_resume_continues_exactly_across_stages(tmp_path, warm):
     full = tmp_path / "full"
     full_rows, full_evals = read_jsonl(full / "metrics.jsonl"), read_jsonl(full / "eval.jsonl")
 
-    def strip(r):
-        return {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))}
-
-    for name, keep_step, copy in (("in_2a", 2, ["checkpoints/step_2"]), ("after_2a", 3, ["stage_2a", "stage_2a.json"])):
+    for name, keep_step, copy in (("in_2a", 2, ()), ("after_2a", 3, ("stage_2a", "stage_2a.json"))):
         stopped = tmp_path / name
-        stopped.mkdir()
-        for c in copy:
-            (stopped / c).parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if (full / c).is_dir() else shutil.copy)(full / c, stopped / c)
-        for f, rows in (("metrics.jsonl", full_rows), ("eval.jsonl", full_evals)):
-            (stopped / f).write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= keep_step))
+        stop_after(full, stopped, keep_step, copy)
         run_script("sparse_to_dense.py", *args, "--resume", str(stopped))
         resumed = read_jsonl(stopped / "metrics.jsonl")
         assert [r["step"] for r in resumed] == list(range(1, 7)), name
         for a, b in zip(full_rows[keep_step:], resumed[keep_step:]):
-            assert strip(a) == strip(b), name
+            assert without_timing(a) == without_timing(b), name
         assert read_jsonl(stopped / "eval.jsonl") == full_evals, name
 
 
