@@ -113,10 +113,11 @@ class Args:
     temperature: float = arg(1.0, "rollout temperature")
     top_p: float = arg(0.95, "rollout top-p")
     top_k: int = arg(0, "rollout top-k (0 = off)")
-    rollout: Literal["hf", "vllm"] = arg("hf", "small model's rollout engine: vllm (colocated, GPU) or hf (any device)")
+    rollout: Literal["hf", "vllm"] = arg("hf", "small model's rollout engine: vllm (colocated, GPU or CPU) or hf (any device)")
     rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm engine: its share of GPU memory")
-    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them")
+    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them (GPU)")
+    vllm_kv_cache_gib: float = arg(0.0, "vllm engine: KV-cache GiB (0 = on GPUs from the memory share, on CPUs 1)")
     # --- optimisation ----------------------------------------------------------------------------------
     lr: float = arg(1e-6, "AdamW learning rate of the small model (--large-lr: the large model's)")
     lr_warmup_steps: int = arg(0, "linear warmup steps (both models)")
@@ -321,7 +322,8 @@ def main(args: Args) -> None:
     small = runtime.load_model(small_path, d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
     large = runtime.load_model(large_path, d, trainable=args.train_large, vocab=vocab, grad_ckpt=cuda_ckpt)
     engine = runtime.make_engine(args.rollout, small_path, d, tok, vocab, args)
-    # vLLM allows one engine per process and the two models differ in shape: the large model samples with HF
+    # One vLLM engine per process (each reserves its own memory), and the two models differ in shape: the large
+    # model samples with HF
     large_engine = runtime.make_engine("hf", large_path, d, tok, vocab, args) if G_own or args.eval_large else None
     runtime.seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts
     opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -36,7 +36,7 @@ Reconstructions of what the paper leaves open (../shared/research/papers_copd.md
   7. Evaluation: math avg@4 at T 0.7, top-p 0.8, top-k 20 (the authors' validation settings) on MATH-500, AIME 24/25,
      Minerva; code pass rate on a held-out slice of the code data (--code-heldout), same sampling.
 Deviations: none in the objective. One rollout engine serves every branch: each branch's weights are pushed into it
-before its rollouts (vLLM allows one engine per process), so a step costs K weight pushes.
+before its rollouts (one vLLM engine per process: each would reserve its own memory), so a step costs K weight pushes.
 Tiny preset: the base is tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the
 two branches have different things to learn; T = 40 steps per branch with S_RL : S_OPD = 6 : 4 (the paper's
 1.5 : 1), lr 1e-4.
@@ -100,10 +100,11 @@ class Args:
     temperature: float = arg(1.0, "rollout temperature")
     top_p: float = arg(1.0, "rollout top-p")
     top_k: int = arg(0, "rollout top-k (0 = off)")
-    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU) or hf (any device)")
+    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU or CPU) or hf (any device)")
     rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm engine: its share of GPU memory")
-    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them")
+    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them (GPU)")
+    vllm_kv_cache_gib: float = arg(0.0, "vllm engine: KV-cache GiB (0 = on GPUs from the memory share, on CPUs 1)")
     # --- optimisation ----------------------------------------------------------------------------------
     lr: float = arg(1e-6, "AdamW learning rate (every branch)")
     lr_warmup_steps: int = arg(0, "linear warmup steps")

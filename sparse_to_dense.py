@@ -43,10 +43,10 @@ Deviations: the distillation losses are token-means over the global batch (the a
 token-means), so the result does not depend on how a batch is cut into micro-batches or ranks.
 
 Rollout engines. Only one model generates in each stage (the teacher in S1 and S2a, the student in S2b and S3).
-vLLM allows one engine per process and teacher and student differ in shape, so `--rollout vllm` serves the one
-role that generates in all the requested stages: run `--stages 1,2a` and then `--stages 2b,3` (pointing
-`--teacher`/`--model` at the first run's stage folders); a mix is refused with that advice. The model that only
-needs evaluation there (the student after S2a) is sampled by the HF engine.
+This project keeps one vLLM engine per process (each reserves its own memory) and teacher and student differ in
+shape, so `--rollout vllm` serves the one role that generates in all the requested stages: run `--stages 1,2a`
+and then `--stages 2b,3` (pointing `--teacher`/`--model` at the first run's stage folders); a mix is refused with
+that advice. The model that only needs evaluation there (the student after S2a) is sampled by the HF engine.
 
 Tiny preset: tiny:large teaches tiny:small; 10/10/10/20 steps for S1/S2a/S2b/S3 (S3 longer, so the GRPO stage
 has room to move after distillation), the student's lr 1e-4 (the toy world's working RL rate) and the teacher's
@@ -123,7 +123,8 @@ class Args:
                                          "invocation, see the docstring) or hf (any device)")
     rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm engine: its share of GPU memory")
-    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them")
+    vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them (GPU)")
+    vllm_kv_cache_gib: float = arg(0.0, "vllm engine: KV-cache GiB (0 = on GPUs from the memory share, on CPUs 1)")
     # --- optimisation ----------------------------------------------------------------------------------
     lr: float = arg(1e-6, "AdamW learning rate of the student (stages 2a, 2b, 3)")
     lr_warmup_steps: int = arg(0, "linear warmup steps at the start of every stage")

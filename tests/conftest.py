@@ -25,10 +25,15 @@ def warm():
 
 
 def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 900, check: bool = True,
-               env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a script as a user would: `python script ...`, or `torchrun --nproc_per_node N script ...`."""
+               env: dict | None = None, hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run a script as a user would: `python script ...`, or `torchrun --nproc_per_node N script ...`. `hide` makes
+    those packages unimportable in it, as on a machine that does not have them."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
         else [sys.executable]
+    if hide:
+        assert not nproc, "hide runs the script under plain python"
+        launch += ["-c", f"import runpy, sys; sys.modules.update(dict.fromkeys({list(hide)!r})); "
+                         f"sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run([*launch, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env=full_env)

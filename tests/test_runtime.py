@@ -102,7 +102,7 @@ def test_fsdp2_two_ranks_match_one_process_and_checkpoint_roundtrips(tmp_path):
 
 
 class _FakeLLM:
-    """Records the calls the vLLM engine makes, with vLLM 0.26.0's output shapes (RequestOutput/CompletionOutput,
+    """Records the calls the vLLM engine makes, with vLLM 0.32.0's output shapes (RequestOutput/CompletionOutput,
     logprobs as one {token_id: Logprob} dict per position)."""
 
     def __init__(self):
@@ -127,6 +127,7 @@ class _FakeLLM:
 
     def generate(self, prompts, sp, use_tqdm=False):
         self.calls.append("generate")
+        self.sampling = sp
 
         def out(p):
             toks = [p["prompt_token_ids"][0] + 1, 2]
@@ -137,10 +138,11 @@ class _FakeLLM:
 
 
 def test_vllm_engine_wakes_pushes_and_sleeps_in_order():
-    """The colocated engine's life cycle without a GPU: weights are woken and pushed before any generation (never
-    reloaded from disk), the KV cache wakes for generation, sleep frees both, generating asleep is an error."""
+    """The colocated engine's GPU life cycle (sleep mode), without a GPU: weights are woken and pushed before any
+    generation (never reloaded from disk), the KV cache wakes for generation, sleep frees both, generating asleep is
+    an error. The CPU path runs the real engine in tests/test_vllm.py."""
     eng = runtime.VLLMEngine.__new__(runtime.VLLMEngine)
-    eng.llm, eng.stop_ids, eng.level = _FakeLLM(), [2], 2
+    eng.llm, eng.stop_ids, eng.level, eng.cuda, eng.allowed = _FakeLLM(), [2], 2, True, list(range(16))
     eng.vllm = type("V", (), {"SamplingParams": lambda **kw: type("S", (), kw)()})
     eng.weights_awake = eng.kv_awake = False
     with pytest.raises(RuntimeError, match="push weights"):
@@ -152,6 +154,6 @@ def test_vllm_engine_wakes_pushes_and_sleeps_in_order():
     assert eng.llm.calls == ["wake:weights", "load", "load", "reset", "wake:kv_cache", "generate", "generate",
                              "sleep:2"]
     assert [c.token_ids for c in out[1]] == [[8, 2], [8, 2]] and out[0][0].logprobs == [-0.5, -1.0]
-    assert out[0][0].finished
+    assert out[0][0].finished and eng.llm.sampling.allowed_token_ids == list(range(16))  # no padded-vocab ids
     with pytest.raises(RuntimeError, match="push weights"):
         eng.generate([[5]], 1, runtime.Sampling(4), seed=0)
