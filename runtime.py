@@ -8,6 +8,7 @@ replica) that receives the trained weights after every update, parameter by para
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import common
+import verifiers
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-shard "Loading weights" bars drown the run log
@@ -128,6 +130,10 @@ def set_cpu_threads() -> int:
     return n
 
 
+def barrier() -> None:
+    dist.barrier()
+
+
 def finish() -> None:
     """Shut down the rollout engines, then the process group, once every rank is done with them: the barrier keeps
     one rank from closing its gloo connections while another still has work in flight on them (which can abort that
@@ -140,12 +146,14 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def start(args, script: str):
-    """Process group, seeds, the checkpoint to resume from (if any) and the run directory."""
+def start(args, script: str, run_dir: str = ""):
+    """Process group, seeds, the checkpoint to resume from (if any) and the run directory: `run_dir` if given (a
+    script whose run directory holds several checkpoints of its own, e.g. one per stage), else --output-dir, else the
+    resumed run's, else a new one."""
     d = init_distributed()
     seed_everything(args.seed)
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    out = Path(args.output_dir) if args.output_dir else ckpt.parent.parent if ckpt else \
+    ckpt = find_checkpoint(args.resume) if args.resume and not run_dir else None
+    out = Path(run_dir or args.output_dir) if run_dir or args.output_dir else ckpt.parent.parent if ckpt else \
         default_output_dir(script, args.preset, d)
     return d, out, ckpt
 
@@ -279,7 +287,7 @@ def load_model(path: str, d: Dist, *, trainable: bool, vocab: int, grad_ckpt: bo
         full = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).state_dict()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    if grad_ckpt:
+    if grad_ckpt and cuda:  # activation checkpointing pays off on GPUs; on a CPU it only costs time
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and trainable else None
     kw = {"mp_policy": mp} if mp else {}
@@ -345,16 +353,23 @@ class HFEngine:
     """Rollouts from an unsharded HF replica on this rank (CPU, tests, GPUs without vLLM): a KV-cached sampling
     loop that masks the padded vocabulary and returns processed log-probs, as vLLM does."""
 
-    def __init__(self, model_path: str, d: Dist, stop_ids: list[int], pad_id: int, vocab: int, batch_size: int,
-                 trust_remote_code: bool = False):
+    def __init__(self, model, stop_ids: list[int], pad_id: int, vocab: int, batch_size: int):
+        """Around a plain (unsharded) HF model on its device: no process group needed."""
+        self.model = model.eval().requires_grad_(False)
+        self._params = dict(self.model.state_dict())
+        self.device = next(model.parameters()).device
+        self.stop_ids, self.pad_id, self.vocab, self.batch_size = stop_ids, pad_id, vocab, batch_size
+
+    @classmethod
+    def replica(cls, model_path: str, d: Dist, stop_ids: list[int], pad_id: int, vocab: int, batch_size: int,
+                trust_remote_code: bool = False) -> "HFEngine":
+        """An empty replica of `model_path`'s architecture on this rank's device, for the trained weights' pushes."""
         from transformers import AutoConfig, AutoModelForCausalLM
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
         with torch.device(d.device):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.model.eval().requires_grad_(False)
-        self._params = dict(self.model.state_dict())
-        self.device, self.stop_ids, self.pad_id, self.vocab, self.batch_size = d.device, stop_ids, pad_id, vocab, batch_size
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        return cls(model, stop_ids, pad_id, vocab, batch_size)
 
     def load_weights(self, named_tensors) -> None:
         for name, t in named_tensors:
@@ -362,8 +377,8 @@ class HFEngine:
                 raise KeyError(f"rollout engine has no parameter {name!r}")
             self._params[name].copy_(t)
 
-    def sleep(self) -> None:  # an HF replica keeps its weights; nothing to free
-        pass
+    def sleep(self) -> None:  # an HF replica keeps its weights and has nothing to free; forget them as vLLM does
+        self.holds = None
 
     def close(self) -> None:
         pass
@@ -500,6 +515,7 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
+        self.holds = None
         if self.cuda and (self.weights_awake or self.kv_awake):
             self.llm.sleep(level=self.level)
             self.weights_awake = self.kv_awake = False
@@ -531,7 +547,7 @@ _ENGINES: list = []  # every engine this process started, kept alive (and shut d
 def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args):
     stops = eos_ids(tokenizer, model_path)
     if kind == "hf":
-        engine = HFEngine(model_path, d, stops, tokenizer.pad_token_id, vocab, args.rollout_batch_size)
+        engine = HFEngine.replica(model_path, d, stops, tokenizer.pad_token_id, vocab, args.rollout_batch_size)
     elif kind == "vllm":
         # Dropping the last reference to a vLLM engine shuts it down, and with it the process group: the list
         # keeps every engine alive until `finish` closes them all.
@@ -541,6 +557,7 @@ def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args
     else:
         raise ValueError(f"unknown --rollout {kind!r}; use 'hf' or 'vllm'")
     _ENGINES.append(engine)
+    seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts, and an HF replica's init draws from them
     return engine
 
 
@@ -588,9 +605,97 @@ def rollout(engine, tokenizer, problems: list[dict], G: int, template: str, max_
     return Rollouts(problems, [p for p in prompts for _ in range(G)], comps, texts, G)
 
 
-def sync_weights(model, engine) -> None:
-    """Push the trained (sharded) weights into the rollout engine, one gathered parameter at a time."""
+def sync_weights(model, engine, tag=None) -> None:
+    """Push the trained (sharded) weights into the rollout engine, one gathered parameter at a time. With a `tag`
+    naming these weights (a step, a branch), a push of what the engine already holds is skipped; an engine that
+    sleeps forgets what it holds (vLLM's level-2 sleep discards it)."""
+    if tag is not None and getattr(engine, "holds", None) == tag:
+        return
     engine.load_weights(full_params(model))
+    engine.holds = tag
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The update skeleton: a rollout batch as --num-minibatches optimizer steps, and one step's metrics meter
+# ----------------------------------------------------------------------------------------------------------
+def minibatches(batch: common.Batch, micro_batch_size: int, num_minibatches: int) -> list[list]:
+    """The batch as exactly `num_minibatches` optimizer steps, each a list of (rows, micro-batch) pairs: step k takes
+    the k-th 1/num_minibatches of this rank's micro-batches (so of every rank's sequences). A count that does not
+    divide the micro-batches is refused rather than silently giving fewer steps."""
+    mbs = list(batch.micro_batches(micro_batch_size))
+    if num_minibatches < 1 or len(mbs) % num_minibatches:
+        raise ValueError(f"--num-minibatches {num_minibatches} does not divide this rank's {len(mbs)} micro-batches "
+                         f"({batch.ids_BT.shape[0]} sequences in micro-batches of --micro-batch-size "
+                         f"{micro_batch_size}): pick a divisor of {len(mbs)}, or change --micro-batch-size")
+    k = len(mbs) // num_minibatches
+    return [mbs[i:i + k] for i in range(0, len(mbs), k)]
+
+
+def accumulate(model, update: list, max_len: int):
+    """(rows, micro-batch, LossNorm) for each micro-batch of one optimizer step. The loss normaliser counts the whole
+    step's tokens over all ranks; FSDP reduce-scatters the gradients once, after the last micro-batch's backward."""
+    norm = common.LossNorm.of([mb.mask_BT for _, mb in update], max_len)
+    for i, (rows, mb) in enumerate(update):
+        model.set_requires_gradient_sync(i == len(update) - 1)
+        yield rows, mb, norm
+
+
+def optimizer_step(model, opt, max_grad_norm: float) -> torch.Tensor:
+    """Clip to a global gradient norm, step, zero the gradients; returns the norm before clipping (a tensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).detach()
+
+
+class Meter:
+    """One step's metrics, kept as float64 tensors on the device and read back with one host sync (`read`):
+    `tokens` sums per-token values (already masked) to be divided by the step's response tokens, `add` sums plain
+    values (e.g. a loss over the optimizer steps, `divide_by` their number), `max` keeps a maximum, `set` a last
+    value, and `time` adds up wall-clock seconds (host-side, no sync); with `clock` (a step's meter, not a part's),
+    `timing_s/step` runs from the meter's creation to `read`. Only what is recorded is logged."""
+
+    def __init__(self, clock: bool = True):
+        self.sums, self.values, self.maxes, self.timing = {}, {}, {}, {}
+        self.t0 = time.perf_counter() if clock else None
+
+    def tokens(self, values: dict) -> None:
+        for k, v in values.items():
+            s = v.detach().sum().double()
+            self.sums[k] = self.sums[k] + s if k in self.sums else s
+
+    def add(self, values: dict, divide_by: int = 1) -> None:
+        for k, v in values.items():
+            v = (v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)) / divide_by
+            self.values[k] = self.values[k] + v if k in self.values else v
+
+    def set(self, values: dict) -> None:
+        for k, v in values.items():
+            self.values[k] = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
+
+    def max(self, values: dict) -> None:
+        for k, v in values.items():
+            m = v.detach().max().double()
+            self.maxes[k] = torch.maximum(self.maxes[k], m) if k in self.maxes else m
+
+    @contextlib.contextmanager
+    def time(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing[key] = self.timing.get(key, 0.0) + time.perf_counter() - t0
+
+    def read(self, tokens=1) -> dict[str, float]:
+        """{key: float}: token sums divided by `tokens` (this rank's response tokens), values, maxima, timings."""
+        keys = [*self.sums, *self.values, *self.maxes]
+        vals = [*self.sums.values(), *self.values.values(), *self.maxes.values()]
+        out = dict(zip(keys, torch.stack([v.cpu() for v in vals]).tolist())) if vals else {}
+        n = float(tokens)
+        for k in self.sums:
+            out[k] /= n
+        out |= {f"timing_s/{k}": v for k, v in self.timing.items()}
+        return out if self.t0 is None else out | {"timing_s/step": time.perf_counter() - self.t0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -610,7 +715,7 @@ def evaluate(engine, tokenizer, benchmarks: dict[str, list[dict]], grader, templ
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for comps in outs for c in comps]
         correct = grader(texts, [r["answer"] for r in mine for _ in range(n)])  # one call: the workers run in parallel
         records = [{"correct": correct[i * n:(i + 1) * n],
-                    "answers": [common.extract_answer(t, grader.mode) for t in texts[i * n:(i + 1) * n]],
+                    "answers": [verifiers.extract_answer(t, grader.mode) for t in texts[i * n:(i + 1) * n]],
                     "lengths": [len(c.token_ids) for c in comps]} for i, comps in enumerate(outs)]
         every = [rec for part in gather_objects(records, d) for rec in part]
         results[name] = common.summarize_eval(every, ks)
@@ -724,6 +829,14 @@ def default_output_dir(script: str, preset: str, d: Dist) -> Path:
 def lr_at(step: int, lr: float, warmup: int) -> float:
     """Linear warmup to a constant learning rate (the papers' schedule)."""
     return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+
+
+def set_lr(opt, step: int, lr: float, warmup: int) -> float:
+    """Set this step's learning rate (`lr_at`) on every parameter group of `opt`; returns it."""
+    lr = lr_at(step, lr, warmup)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    return lr
 
 
 # ----------------------------------------------------------------------------------------------------------

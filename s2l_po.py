@@ -23,7 +23,6 @@ Flags for the paper's baseline and ablations, and the released code's variants:
                                        step, each with its own prompts and advantages, ⌈·⌉ on both sides (code)
     --is-correction none|token_tis     none (paper, code) / min(π_θold/π_ω, --is-cap) on explorer tokens (an
                                        early config of the code)
-    --passk-probe                      pass@k, k = 1…256, of explorer and learner: the paper's motivation
     --bank-only                        build the explorer bank and exit (the first of two runs with vLLM)
 
 Reconstructions and deviations (evidence: ../shared/research/papers_codistill_s2l.md §2):
@@ -47,8 +46,8 @@ Reconstructions and deviations (evidence: ../shared/research/papers_codistill_s2
 This project keeps one vLLM engine per process (each reserves its own memory), and the explorer and learner
 differ in shape, so with --rollout vllm the bank is built by a separate invocation with --bank-only (the explorer
 is then that process's one vLLM engine), and the training run reuses it; it stops with that command if the bank
-is missing. With --rollout hf the training run builds a missing bank itself. Likewise --passk-probe probes one
-model per invocation under vLLM.
+is missing. With --rollout hf the training run builds a missing bank itself. The pass@k probe of explorer and
+learner (k = 1…256, the paper's motivation) is bench/s2l_passk.py; under vLLM it probes one model per invocation.
 
 Tiny preset: the learner is tiny:base, not tiny:large. tiny:large already works every problem out, so a weaker
 explorer has nothing to show it; tiny:base is the large architecture fine-tuned to answer 80% of the time at once,
@@ -60,7 +59,7 @@ Run:
     torchrun --nproc_per_node 8 s2l_po.py --rollout vllm                 # 2. Qwen3-1.7B-Base -> Qwen3-8B-Base
     python s2l_po.py --preset 1gpu --rollout vllm --bank-only && python s2l_po.py --preset 1gpu --rollout vllm
     python s2l_po.py --preset tiny                                       # CPU, toy world, about a minute
-    python s2l_po.py --preset tiny --passk-probe                         # explorer vs learner pass@k curves
+    python bench/s2l_passk.py --preset tiny                              # explorer vs learner pass@k curves
 """
 
 import dataclasses
@@ -72,7 +71,6 @@ import math
 import os
 import random
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -81,6 +79,7 @@ import torch
 
 import common
 import runtime
+import verifiers
 from runtime import arg
 
 
@@ -162,10 +161,6 @@ class Args:
     bank_top_k: int = arg(0, "explorer sampling top-k (0 = off)")
     bank_dir: str = arg("", "where explorer banks live (default $TANDEM_CACHE/s2l_banks or ~/.cache/tandem/...)")
     bank_only: bool = arg(False, "build (or extend) the explorer bank for this run's settings, then exit")
-    passk_probe: bool = arg(False, "instead of training: pass@k curves of explorer and learner, JSON + PNG")
-    passk_models: str = arg("explorer,learner", "models the probe samples (one per invocation with vLLM)")
-    passk_samples: int = arg(256, "probe: samples per problem n; pass@k for k = 1..n (unbiased)")
-    passk_data: str = arg("", "probe benchmarks (default: --eval-data); --eval-limit and eval sampling apply")
 
 
 PRESETS = {
@@ -178,8 +173,7 @@ PRESETS = {
                  eval_data="tiny_add,tiny_mul,tiny_lin", eval_limit=128, eval_every=10, eval_samples=4,
                  eval_temperature=1.0, eval_top_p=1.0, eval_top_k=0, eval_max_new_tokens=48, total_steps=40,
                  t_mix=20, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=1e-4, weight_decay=0.0,
-                 micro_batch_size=64, num_minibatches=1, save_every=20, grader_workers=1, logprob_chunk=4096,
-                 passk_samples=256, passk_data="tiny_add,tiny_mul,tiny_lin"),
+                 micro_batch_size=64, num_minibatches=1, save_every=20, grader_workers=1, logprob_chunk=4096),
 }
 
 
@@ -324,7 +318,7 @@ def ensure_bank(args: Args, d, tok, vocab: int, rows: list[dict], explorer_path:
         bank.dir.mkdir(parents=True, exist_ok=True)
         lock = open(bank.dir / ".lock", "w")
         fcntl.flock(lock, fcntl.LOCK_EX)
-    runtime.dist.barrier()
+    runtime.barrier()
     bank.reload()
     missing = sorted(k for k in prompts if k not in bank.index)
     if missing and args.rollout == "vllm" and not args.bank_only:
@@ -360,14 +354,14 @@ def ensure_bank(args: Args, d, tok, vocab: int, rows: list[dict], explorer_path:
         os.replace(bank.dir / f".{name}.tmp", bank.dir / name)
         del eng
         gc.collect()
-        runtime.dist.barrier()
+        runtime.barrier()
         if d.main:  # the manifest names a shard only once it is complete: a crash leaves the old bank intact
             man = bank.manifest()
             man["shards"] += [f"shard-{tag}-r{r}.pt" for r in range(d.world)]
             man["engine"] = args.rollout
             (bank.dir / "manifest.tmp").write_text(json.dumps(man, indent=1))
             os.replace(bank.dir / "manifest.tmp", bank.dir / "manifest.json")
-        runtime.dist.barrier()
+        runtime.barrier()
         bank.reload()
     if lock is not None:
         lock.close()
@@ -393,78 +387,6 @@ def mixed_rollouts(engine, bank, tok, problems, g_w: int, g_s: int, sampling, ar
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The pass@k probe: explorer vs learner, k = 1..n (the paper's motivation, checkable for any pair)
-# ----------------------------------------------------------------------------------------------------------
-def passk_probe(args: Args, d, tok, vocab: int, out: Path, log) -> dict:
-    roles = [r.strip() for r in args.passk_models.split(",") if r.strip()]
-    if not roles or set(roles) - {"explorer", "learner"}:
-        raise ValueError(f"--passk-models {args.passk_models!r}: name explorer, learner or both, comma-separated")
-    if args.rollout == "vllm" and len(roles) > 1:
-        raise ValueError("--passk-probe with --rollout vllm samples one model per process (vLLM holds one): run it "
-                         "twice into the same --output-dir, with --passk-models explorer, then learner")
-    benches = common.load_benchmarks(args.passk_data or args.eval_data, args.eval_data_dir, args.eval_limit)
-    sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
-    grader = common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
-    path_json = out / "passk.json"
-    res = json.loads(path_json.read_text()) if path_json.exists() else {"models": {}}
-    res |= {"sampling": dataclasses.asdict(sampling), "n": args.passk_samples, "args": dataclasses.asdict(args)}
-    for role in roles:
-        name = args.explorer if role == "explorer" else args.model
-        path = runtime.resolve(name, d)
-        runtime.check_same_tokenizer(tok, runtime.load_tokenizer(path), "--model", f"the {role}")
-        model = runtime.load_model(path, d, trainable=False, vocab=vocab)
-        eng = runtime.make_engine(args.rollout, path, d, tok, vocab, args)
-        runtime.sync_weights(model, eng)
-        del model
-        curves = {}
-        for bi, (bench, rows) in enumerate(benches.items()):
-            mine = rows[d.rank::d.world]
-            prompts = [common.encode_prompt(tok, r["problem"], args.prompt_template, args.max_prompt_tokens)
-                       for r in mine]
-            seed = runtime.rollout_seed(args.seed, 0, d.rank, salt=5000 + bi)
-            outs = eng.generate(prompts, args.passk_samples, sampling, seed) if mine else []
-            counts = [int(sum(grader([tok.decode(c.token_ids, skip_special_tokens=True) for c in g],
-                                     [r["answer"]] * len(g)))) for r, g in zip(mine, outs)]
-            counts = [c for part in runtime.gather_objects(counts, d) for c in part]
-            n = args.passk_samples
-            curves[bench] = {"correct": counts, "pass@k": [sum(common.pass_at_k(n, c, k) for c in counts) / len(counts)
-                                                           for k in range(1, n + 1)]}
-            log(f"[passk] {role} {bench}: pass@1 {curves[bench]['pass@k'][0]:.3f}  pass@{n} {curves[bench]['pass@k'][-1]:.3f}")
-        res["models"][role] = {"name": name, "benchmarks": curves}
-        del eng
-        gc.collect()
-    grader.close()
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        path_json.write_text(json.dumps(res))
-        plot_passk(res, out / "passk.png")
-    return res
-
-
-def plot_passk(res: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    benches = sorted({b for m in res["models"].values() for b in m["benchmarks"]})
-    fig, axes = plt.subplots(1, len(benches), figsize=(3.0 * len(benches), 2.6), squeeze=False)
-    for ax, bench in zip(axes[0], benches):
-        for role, m in sorted(res["models"].items()):
-            if bench in m["benchmarks"]:
-                y = m["benchmarks"][bench]["pass@k"]
-                ax.plot(range(1, len(y) + 1), y, label=f"{role} ({m['name']})", lw=1.5)
-        ax.set_xscale("log", base=2)
-        ax.set_title(bench, fontsize=9)
-        ax.set_xlabel("k", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("pass@k", fontsize=8)
-    axes[0][0].legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Train loop
 # ----------------------------------------------------------------------------------------------------------
 def check_args(args: Args) -> None:
@@ -472,10 +394,32 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--t-mix {args.t_mix}: use 0 (plain GRPO) or the number of mixing steps")
     if not 0.0 <= args.alpha_start <= 1.0:
         raise ValueError(f"--alpha-start {args.alpha_start}: the explorer share must lie in [0, 1]")
-    if args.bank_samples < 1 or args.passk_samples < 1:
-        raise ValueError("--bank-samples and --passk-samples must be at least 1")
+    if args.bank_samples < 1:
+        raise ValueError("--bank-samples must be at least 1")
     if args.is_cap <= 0:
         raise ValueError(f"--is-cap {args.is_cap}: the importance-weight cap must be positive")
+
+
+def source_metrics(meter, correct_B, correct_PG, adv_B, source_B, lengths_B) -> None:
+    """One update's groups without a reward signal, and the reward, advantage and response length of each source's
+    sequences (where it wrote some)."""
+    meter.set({"reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean()})
+    for s, sel in (("explorer", source_B > 0), ("learner", source_B == 0)):
+        if sel.any():
+            a = adv_B.cpu()[sel]
+            meter.set({f"reward/{s}": correct_B[sel].mean(), f"adv/{s}_mean": a.mean(),
+                       f"adv/{s}_std": a.std() if len(a) > 1 else 0.0,
+                       f"response/{s}_length": lengths_B[sel].float().mean()})
+
+
+def merge_updates(parts: list[dict]) -> dict:
+    """One step's update metrics (alternating mode makes two updates): the maximum of a `/max` key, else the mean
+    over the updates that logged it."""
+    out = {}
+    for k in {k for p in parts for k in p}:
+        vals = [p[k] for p in parts if k in p]
+        out[k] = max(vals) if k.endswith("/max") else sum(vals) / len(vals)
+    return out
 
 
 def main(args: Args) -> None:
@@ -486,11 +430,6 @@ def main(args: Args) -> None:
     learner_path = runtime.resolve(args.model, d)
     tok = runtime.load_tokenizer(learner_path)
     vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
-    say = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
-    if args.passk_probe:
-        passk_probe(args, d, tok, vocab, out, say)
-        runtime.finish()
-        return
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     rows = [{**r, "problem": common.strip_dapo_wrapper(r["problem"])} for r in rows]  # reconstruction 3
     uses_explorer = any(g_w for step in range(args.total_steps) for g_w, _ in substeps(step, args))
@@ -498,18 +437,17 @@ def main(args: Args) -> None:
     if uses_explorer or args.bank_only:
         explorer_path = runtime.resolve(args.explorer, d)
         runtime.check_same_tokenizer(tok, runtime.load_tokenizer(explorer_path), "--model", "--explorer")
+        say = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
         bank = ensure_bank(args, d, tok, vocab, rows, explorer_path, say)
         if args.bank_only:
             say(f"[s2l] explorer bank ready: {bank.dir} ({len(bank.index)} prompts)")
             runtime.finish()
             return
-    cuda_ckpt = args.grad_checkpointing and d.device.type == "cuda"
-    learner = runtime.load_model(learner_path, d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
+    learner = runtime.load_model(learner_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     ref = runtime.load_model(learner_path, d, trainable=False, vocab=vocab) if args.kl_coef > 0 else None
     engine = runtime.make_engine(args.rollout, learner_path, d, tok, vocab, args)
-    runtime.seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts
     opt = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    grader = common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
+    grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
     train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
@@ -529,129 +467,95 @@ def main(args: Args) -> None:
                                [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens)
         log.eval(step, res, tag)
 
-    if start == 0 and args.eval_every and args.total_steps > 0:
-        run_eval(0)
-    for step in range(start, args.total_steps):
-        t_step = time.perf_counter()
-        timing, parts = defaultdict(float), []
-        for g in opt.param_groups:
-            g["lr"] = runtime.lr_at(step, args.lr, args.lr_warmup_steps)
-        for sub, (g_w, g_s) in enumerate(substeps(step, args)):
-            # --- rollout: G_w explorer completions from the bank + G_s from the learner, one group per prompt
-            t0 = time.perf_counter()
+    def grpo_update(meter, step: int, sub: int, g_w: int, g_s: int) -> tuple:
+        """One GRPO update on G_w explorer + G_s learner completions per prompt: its metrics, rewards, rollouts."""
+        part, expl = runtime.Meter(clock=False), runtime.Meter(clock=False)  # sums over all / explorer tokens
+        # --- rollout: G_w explorer completions from the bank + G_s from the learner, one group per prompt
+        with meter.time("rollout"):
             ro, source_B = mixed_rollouts(engine, bank, tok, stream.next(), g_w, g_s, train_sampling, args, step,
                                           sub, d)
             engine.sleep()  # free the GPU for the update (vLLM); the weight sync below wakes it
-            timing["rollout"] += time.perf_counter() - t0
 
-            # --- reward: one verifier for both sources -> one joint group advantage over the mixed group
-            t0 = time.perf_counter()
+        # --- reward: one verifier for both sources -> one joint group advantage over the mixed group
+        with meter.time("reward"):
             correct_B = torch.tensor(grader(ro.texts, ro.answers))
             correct_PG = correct_B.view(-1, ro.G)
             adv_B = common.group_advantages(correct_PG, args.adv_scale).view(-1).to(d.device)
-            timing["reward"] += time.perf_counter() - t0
+        batch = ro.batch(tok.pad_token_id, d.device)
+        engine_logp_BT = ro.engine_logprobs(batch.T, d.device)  # explorer tokens: π_ω's sampling log-probs
+        expl_BT = source_B.to(d.device)[:, None] * batch.mask_BT
+        n_tok, n_expl = batch.mask_BT.sum().item(), expl_BT.sum().item()
+        updates = runtime.minibatches(batch, args.micro_batch_size, args.num_minibatches)
 
-            batch = ro.batch(tok.pad_token_id, d.device)
-            engine_logp_BT = ro.engine_logprobs(batch.T, d.device)  # explorer tokens: π_ω's sampling log-probs
-            expl_BT = source_B.to(d.device)[:, None] * batch.mask_BT
-            mbs = list(batch.micro_batches(args.micro_batch_size))
-            per_update = -(-len(mbs) // args.num_minibatches)
-            updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
+        # --- old log-probs: the learner's, on explorer tokens too; on-policy they are the live ones, detached
+        old_logp_BT = common.score_logprobs(learner, batch, vocab, args.temperature, args.micro_batch_size,
+                                            args.logprob_chunk) if len(updates) > 1 else None
 
-            # --- old log-probs: the learner's, on explorer tokens too; on-policy they are the live ones, detached
-            old_logp_BT = common.score_logprobs(learner, batch, vocab, args.temperature, args.micro_batch_size,
-                                                args.logprob_chunk) if len(updates) > 1 else None
-
-            # --- update: the reference scores the tokens, the learner takes the GRPO step on the mixed group
-            t0, t_ref = time.perf_counter(), 0.0
-            sums = dict.fromkeys(("kl/ref", "policy/entropy", "policy/clip_low", "policy/clip_high",
-                                  "sampling/logp_diff_mean"), 0.0)
-            ssums = dict.fromkeys(("explorer/learner_logp", "explorer/logp_gap", "is/weight_mean", "is/capped_frac"),
-                                  0.0)
-            losses, diff_max, gnorm = {"loss/total": 0.0, "loss/pg": 0.0, "loss/kl": 0.0}, 0.0, 0.0
+        # --- update: the reference scores the tokens, the learner takes the GRPO step on the mixed group
+        with meter.time("update"):
             for update in updates:
-                norm = common.LossNorm.of([mb.mask_BT for _, mb in update], args.max_new_tokens)
-                for i, (rows, mb) in enumerate(update):
-                    learner.set_requires_gradient_sync(i == len(update) - 1)  # reduce-scatter once per update
+                for rows, mb, norm in runtime.accumulate(learner, update, args.max_new_tokens):
                     h_NH = common.response_hidden(learner, mb)
                     logp_N, ent_N = common.logprobs_from_hidden(h_NH, learner.get_output_embeddings(),
-                                                                common.response_targets(mb), vocab, args.temperature,
-                                                                args.logprob_chunk)
-                    tt = time.perf_counter()
+                                                                common.response_targets(mb), vocab,
+                                                                args.temperature, args.logprob_chunk)
                     r_logp_N = logp_N.detach()  # no reference: the k3 term vanishes
                     if ref is not None:
-                        with torch.no_grad():
-                            r_logp_N, _ = common.logprobs_from_hidden(common.response_hidden(ref, mb),
-                                                                      ref.get_output_embeddings(),
+                        with meter.time("ref"), torch.no_grad():
+                            h_r_NH = common.response_hidden(ref, mb)
+                            r_logp_N, _ = common.logprobs_from_hidden(h_r_NH, ref.get_output_embeddings(),
                                                                       common.response_targets(mb), vocab,
                                                                       args.temperature, args.logprob_chunk)
-                    t_ref += time.perf_counter() - tt
                     logp_BT, ref_logp_BT = common.to_grid(logp_N, mb), common.to_grid(r_logp_N, mb)
                     old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
-                    e = expl_BT[rows, :mb.T]
+                    e_BT, e_logp_BT = expl_BT[rows, :mb.T], engine_logp_BT[rows, :mb.T]
                     isw_BT = torch.ones_like(old_BT)
                     if args.is_correction == "token_tis":  # min(π_θold/π_ω, C) on explorer tokens, 1 on its own
-                        isw_BT = torch.where(e > 0, common.truncated_is_weights(
-                            old_BT, engine_logp_BT[rows, :mb.T], args.is_cap), isw_BT)
+                        isw_BT = torch.where(e_BT > 0, common.truncated_is_weights(old_BT, e_logp_BT, args.is_cap), 1.0)
                     loss, l_pg, l_kl, low_BT, high_BT = s2l_loss(logp_BT, old_BT, ref_logp_BT, adv_B[rows], isw_BT,
                                                                  mb.mask_BT, norm, args)
                     loss.backward()
-                    with torch.no_grad():  # token sums; divided by the tokens of each kind below
+                    with torch.no_grad():
                         m = mb.mask_BT
-                        diff_BT = (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * (m - e)
-                        for k, v in (("loss/total", loss), ("loss/pg", l_pg), ("loss/kl", l_kl)):
-                            losses[k] += v.item() / len(updates)
-                        for k, v in (("kl/ref", common.kl_estimate(logp_BT, ref_logp_BT, "k3") * m),
-                                     ("policy/entropy", common.to_grid(ent_N, mb) * m), ("policy/clip_low", low_BT * m),
-                                     ("policy/clip_high", high_BT * m), ("sampling/logp_diff_mean", diff_BT)):
-                            sums[k] += v.sum().item()
-                        for k, v in (("explorer/learner_logp", logp_BT * e),
-                                     ("explorer/logp_gap", (engine_logp_BT[rows, :mb.T] - logp_BT) * e),
-                                     ("is/weight_mean", isw_BT * e), ("is/capped_frac", (isw_BT >= args.is_cap) * e)):
-                            ssums[k] += v.sum().item()
-                        diff_max = max(diff_max, diff_BT.max().item())
-                gnorm = runtime.clip_grad_norm(learner, args.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            timing["ref"] += t_ref
-            timing["update"] += time.perf_counter() - t0 - t_ref
+                        part.add({"loss/total": loss, "loss/pg": l_pg, "loss/kl": l_kl}, divide_by=len(updates))
+                        part.tokens({"policy/entropy": common.to_grid(ent_N, mb) * m,
+                                     "policy/clip_low": low_BT * m, "policy/clip_high": high_BT * m})
+                        if n_expl < n_tok:  # the learner's own tokens: the trainer/engine mismatch
+                            diff_BT = (logp_BT - e_logp_BT).abs() * (m - e_BT)
+                            part.tokens({"sampling/logp_diff_mean": diff_BT})
+                            part.max({"sampling/logp_diff_max/max": diff_BT})
+                        if ref is not None:
+                            part.tokens({"kl/ref": common.kl_estimate(logp_BT, ref_logp_BT, "k3") * m})
+                        if n_expl:
+                            expl.tokens({"explorer/learner_logp": logp_BT * e_BT,
+                                         "explorer/logp_gap": (e_logp_BT - logp_BT) * e_BT})
+                        if n_expl and args.is_correction == "token_tis":
+                            expl.tokens({"is/weight_mean": isw_BT * e_BT,
+                                         "is/capped_frac": (isw_BT >= args.is_cap) * e_BT})
+                part.set({"policy/grad_norm": runtime.optimizer_step(learner, opt, args.max_grad_norm)})
 
-            # --- weight sync: the rollout engine gets the new weights, one parameter at a time
-            t0 = time.perf_counter()
+        # --- weight sync: the rollout engine gets the new weights, one parameter at a time
+        with meter.time("sync"):
             runtime.sync_weights(learner, engine)
-            timing["sync"] += time.perf_counter() - t0
 
-            # --- this update's metrics, per source where the two differ
-            n_tok, n_expl = batch.mask_BT.sum().item(), expl_BT.sum().item()
-            m = {**losses, **{k: v / n_tok for k, v in sums.items()}, **ro.stats(), "policy/grad_norm": gnorm,
-                 "sampling/logp_diff_max/max": diff_max,
-                 "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean().item()}
-            if n_expl == n_tok:  # no learner tokens: no engine mismatch to report
-                m = {k: v for k, v in m.items() if not k.startswith("sampling/")}
-            if n_expl:
-                m |= {k: v / n_expl for k, v in ssums.items() if args.is_correction == "token_tis" or k[:3] != "is/"}
-            lengths_B = batch.mask_BT.sum(1).cpu()
-            for s, sel in (("explorer", source_B > 0), ("learner", source_B == 0)):
-                if sel.any():
-                    a = adv_B.cpu()[sel]
-                    m |= {f"reward/{s}": correct_B[sel].mean().item(), f"adv/{s}_mean": a.mean().item(),
-                          f"adv/{s}_std": a.std().item() if len(a) > 1 else 0.0,
-                          f"response/{s}_length": lengths_B[sel].float().mean().item()}
-            parts.append((m, correct_B, ro, source_B))
-        timing["step"] = time.perf_counter() - t_step
+        # --- this update's metrics, per source where the two differ
+        source_metrics(part, correct_B, correct_PG, adv_B, source_B, batch.mask_BT.sum(1).cpu())
+        return part.read(n_tok) | expl.read(n_expl) | ro.stats(), correct_B, ro, source_B
+
+    if start == 0 and args.eval_every and args.total_steps > 0:
+        run_eval(0)
+    for step in range(start, args.total_steps):
+        meter = runtime.Meter()  # the step's timings and totals; each update's metrics are its own
+        lr = runtime.set_lr(opt, step, args.lr, args.lr_warmup_steps)
+        parts = [grpo_update(meter, step, sub, g_w, g_s) for sub, (g_w, g_s) in enumerate(substeps(step, args))]
 
         # --- log: the step's updates merged (alternating mode makes two), sequence-weighted where it matters
-        metrics = {}
-        for k in {k for p in parts for k in p[0]}:
-            vals = [p[0][k] for p in parts if k in p[0]]
-            metrics[k] = max(vals) if k.endswith("/max") else sum(vals) / len(vals)
-        metrics |= {"reward/mean": torch.cat([p[1] for p in parts]).mean().item(),
-                    "explorer/share": torch.cat([p[3] for p in parts]).mean().item(),
-                    "explorer/alpha": explorer_share(step, args), "lr": opt.param_groups[0]["lr"],
-                    "perf/tokens_per_s": sum(p[2].num_tokens for p in parts) / timing["step"],
-                    **{f"timing_s/{k}": v for k, v in timing.items()}}
-        if ref is None:
-            metrics = {k: v for k, v in metrics.items() if not k.startswith(("kl/ref", "timing_s/ref"))}
+        meter.set({"reward/mean": torch.cat([p[1] for p in parts]).mean(),
+                   "explorer/share": torch.cat([p[3] for p in parts]).mean(),
+                   "explorer/alpha": explorer_share(step, args), "lr": lr})
+        metrics = merge_updates([p[0] for p in parts]) | meter.read()  # the step's timings and totals
+        metrics["timing_s/update"] -= metrics.get("timing_s/ref", 0.0)
+        metrics["perf/tokens_per_s"] = sum(p[2].num_tokens for p in parts) / metrics["timing_s/step"]
         log.metrics(step + 1, runtime.all_reduce_mean(metrics, d), show=("reward/mean", "explorer/share", "kl/ref"))
         for _, correct_B, ro, source_B in parts:
             log.samples(step + 1, [{**s, "source": "explorer" if source_B[i] else "learner"}

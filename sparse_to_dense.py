@@ -61,13 +61,11 @@ Run:
     python sparse_to_dense.py --preset tiny                              # CPU, toy world, a few minutes
 """
 
-import dataclasses
 import functools
 import gc
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -76,6 +74,7 @@ import torch
 
 import common
 import runtime
+import verifiers
 from runtime import arg
 
 
@@ -86,7 +85,7 @@ class Args:
     output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
     resume: str = arg("", "continue a run: its directory (completed stages and latest checkpoint) or a "
                           "checkpoints/step_N folder")
-    seed: int = arg(0, "seed for data order and rollouts")
+    seed: int = arg(0, "seed for model init, data order and rollouts")
     # --- policy and data -------------------------------------------------------------------------------
     model: str = arg("Qwen/Qwen3-1.7B", "student (trained in 2a, 2b, 3): hub name, folder (e.g. another run's "
                      "stage_2a/), tiny:small; the first student stage starts from it")
@@ -119,8 +118,7 @@ class Args:
     temperature: float = arg(1.0, "rollout temperature")
     top_p: float = arg(1.0, "rollout top-p")
     top_k: int = arg(0, "rollout top-k (0 = off)")
-    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU; one generating role per "
-                                         "invocation, see the docstring) or hf (any device)")
+    rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU or CPU) or hf (any device)")
     rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
     vllm_gpu_memory_utilization: float = arg(0.3, "vllm engine: its share of GPU memory")
     vllm_sleep_level: int = arg(2, "vllm engine: 1 offloads weights to CPU while training, 2 discards them (GPU)")
@@ -133,12 +131,12 @@ class Args:
     micro_batch_size: int = arg(8, "sequences per forward/backward")
     num_minibatches: int = arg(4, "optimizer steps per rollout batch in GRPO stages (distillation: always 1)")
     clip_low: float = arg(0.2, "PPO clip ε_low")
-    clip_high: float = arg(0.28, "PPO clip ε_high (clip-higher)")
+    clip_high: float = arg(0.28, "PPO clip ε_high")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = arg("token-mean",
                                                                                             "loss aggregation")
     adv_scale: Literal["std", "none"] = arg("std", "group advantage: std-normalised (GRPO) or none (Dr. GRPO)")
     grad_checkpointing: bool = arg(True, "activation checkpointing of decoder layers (CUDA only)")
-    logprob_chunk: int = arg(512, "tokens per chunk of LM head + log-softmax / full-vocabulary KL")
+    logprob_chunk: int = arg(512, "tokens per chunk of LM head + log-softmax")
     # --- bookkeeping -----------------------------------------------------------------------------------
     save_every: int = arg(50, "checkpoint every N steps of a stage (0 = never; stage outputs are always saved)")
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
@@ -157,7 +155,7 @@ class Args:
                                            "rollouts, or nll = plain SFT on the teacher's samples (the baseline)")
     opd_loss: Literal["full", "sampled"] = arg("full", "stage 2b: exact full-vocabulary KL(π_θ‖π_T) per position, "
                                                "or sampled = log π_T − log π_θ of the sampled token as its advantage")
-    dual_clip: float = arg(10.0, "GRPO dual clip c: a negative-advantage token's loss is capped at −c·A (0 = off)")
+    dual_clip: float = arg(10.0, "dual-clip c: a negative-advantage token's loss is at most c·|A| (0 = off)")
     stage3_data: Literal["heldout", "replay", "all"] = arg("heldout", "stage 3 labels: the held-out split, the "
                                                            "upstream split again (matched replay control), or all")
     heldout_frac: float = arg(0.2, "share of the training set held out for stage 3")
@@ -242,73 +240,52 @@ def parse_stages(spec: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Train loop: one stage at a time, each reading the previous stage's HF output
 # ----------------------------------------------------------------------------------------------------------
-def grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab: int, args: Args) -> dict:
+def grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab: int, args: Args, meter) -> None:
     """One GRPO rollout batch: group advantages, old log-probs (off-policy mini-batches only), clipped updates."""
     correct_PG = correct_B.view(-1, args.group_size)
     adv_B = common.group_advantages(correct_PG, args.adv_scale).view(-1).to(batch.ids_BT.device)
-    mbs = list(batch.micro_batches(args.micro_batch_size))
-    per_update = -(-len(mbs) // args.num_minibatches)
-    updates = [mbs[u:u + per_update] for u in range(0, len(mbs), per_update)]
+    updates = runtime.minibatches(batch, args.micro_batch_size, args.num_minibatches)
     old_logp_BT = common.score_logprobs(model, batch, vocab, args.temperature, args.micro_batch_size,
                                         args.logprob_chunk) if len(updates) > 1 else None
-    sums = dict.fromkeys(("policy/entropy", "policy/clip_low", "policy/clip_high", "sampling/logp_diff_mean"), 0.0)
-    loss_sum, diff_max, gnorm = 0.0, 0.0, 0.0
     for update in updates:
-        norm = common.LossNorm.of([mb.mask_BT for _, mb in update], args.max_new_tokens)
-        for i, (rows, mb) in enumerate(update):
-            model.set_requires_gradient_sync(i == len(update) - 1)
+        for rows, mb, norm in runtime.accumulate(model, update, args.max_new_tokens):
             logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
             old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
             loss, low_BT, high_BT = grpo_loss(logp_BT, old_BT, adv_B[rows], mb.mask_BT, norm, args)
             loss.backward()
             with torch.no_grad():
-                m = mb.mask_BT
-                diff_BT = (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * m
-                loss_sum += loss.item() / len(updates)
-                for k, v in (("policy/entropy", ent_BT * m), ("policy/clip_low", low_BT * m),
-                             ("policy/clip_high", high_BT * m), ("sampling/logp_diff_mean", diff_BT)):
-                    sums[k] += v.sum().item()
-                diff_max = max(diff_max, diff_BT.max().item())
-        gnorm = runtime.clip_grad_norm(model, args.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return {"loss/pg": loss_sum, **{k: v / batch.mask_BT.sum().item() for k, v in sums.items()},
-            "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean().item(), "policy/grad_norm": gnorm,
-            "sampling/logp_diff_max/max": diff_max}
+                m, diff_BT = mb.mask_BT, (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
+                meter.add({"loss/pg": loss}, divide_by=len(updates))
+                meter.tokens({"policy/entropy": ent_BT * m, "policy/clip_low": low_BT * m,
+                              "policy/clip_high": high_BT * m, "sampling/logp_diff_mean": diff_BT})
+                meter.max({"sampling/logp_diff_max/max": diff_BT})
+        meter.set({"policy/grad_norm": runtime.optimizer_step(model, opt, args.max_grad_norm)})
+    meter.set({"reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean()})
 
 
-def distill_update(stage: str, student, teacher, opt, batch, engine_logp_BT, vocab: int, args: Args):
+def distill_update(stage: str, student, teacher, opt, batch, engine_logp_BT, vocab: int, args: Args, meter) -> None:
     """One distillation step (S2a or S2b): the teacher's full next-token distributions at the rollout's
-    positions, the student's token loss, one optimizer step. Returns (metrics, seconds spent in the teacher)."""
+    positions, the student's token loss, one optimizer step (timing the teacher's forward apart)."""
     key = "kl/forward" if stage == "2a" else "kl/reverse"
-    mbs = list(batch.micro_batches(args.micro_batch_size))
-    norm = common.LossNorm.of([mb.mask_BT for _, mb in mbs], args.max_new_tokens)
-    loss_sum, kl_sum, t_teacher = 0.0, 0.0, 0.0
-    for i, (rows, mb) in enumerate(mbs):
-        student.set_requires_gradient_sync(i == len(mbs) - 1)
+    (update,) = runtime.minibatches(batch, args.micro_batch_size, 1)
+    for rows, mb, norm in runtime.accumulate(student, update, args.max_new_tokens):
         h_NH, targets_N = common.response_hidden(student, mb), common.response_targets(mb)
-        tt = time.perf_counter()
         h_t_NH = None
         if not (stage == "2a" and args.fkl_loss == "nll"):  # plain SFT needs no teacher forward
-            with torch.no_grad():
+            with meter.time("teacher"), torch.no_grad():
                 h_t_NH = common.response_hidden(teacher, mb)
-        t_teacher += time.perf_counter() - tt
         head, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
         token_loss = fkl_token_loss if stage == "2a" else opd_token_loss
         loss_N = token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab, args)
         loss = common.agg_loss(common.to_grid(loss_N, mb), mb.mask_BT, args.loss_agg, norm)
         loss.backward()
         with torch.no_grad():
-            loss_sum += loss.item()
+            meter.add({"loss/fkl" if stage == "2a" else "loss/opd": loss})
+            kl = loss_N.sum().double()
             if stage == "2a" and args.fkl_loss == "nll":  # sampled estimate: the engine's teacher log-probs
-                kl_sum += (engine_logp_BT[rows, :mb.T] * mb.mask_BT).sum().item() + loss_N.sum().item()
-            else:
-                kl_sum += loss_N.sum().item()
-    gnorm = runtime.clip_grad_norm(student, args.max_grad_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    name = "loss/fkl" if stage == "2a" else "loss/opd"
-    return {name: loss_sum, key: kl_sum / batch.mask_BT.sum().item(), "policy/grad_norm": gnorm}, t_teacher
+                kl = (engine_logp_BT[rows, :mb.T] * mb.mask_BT).sum().double() + kl
+            meter.tokens({key: kl})
+    meter.set({"policy/grad_norm": runtime.optimizer_step(student, opt, args.max_grad_norm)})
 
 
 def stage_done(out: Path, stage: str) -> Path:
@@ -338,7 +315,8 @@ def resume_point(args: Args, out: Path, stages: list[str]):
     return done, ckpt
 
 
-def main(args: Args) -> None:
+def check_args(args: Args) -> tuple[list[str], dict[str, int]]:
+    """The requested stages and their step counts, or a clear error for a combination that cannot run."""
     stages = parse_stages(args.stages)
     steps = {"1": args.steps_1, "2a": args.steps_2a, "2b": args.steps_2b, "3": args.steps_3}
     if any(steps[s] < 1 for s in stages):
@@ -347,11 +325,25 @@ def main(args: Args) -> None:
         raise ValueError(f"--rollout vllm holds one model per process, but --stages {args.stages} samples from both "
                          f"the teacher (1, 2a) and the student (2b, 3). Run --stages 1,2a first, then --stages 2b,3 "
                          f"with --teacher RUN/stage_1 --model RUN/stage_2a, or use --rollout hf")
+    return stages, steps
+
+
+def stage_data(args: Args) -> dict[str, list[dict]]:
+    """Each stage's problems: the labelled upstream split for 1, 2a and 2b; for 3 the held-out split (the paper),
+    the upstream one again (replay control) or all of it."""
+    rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
+    rows = [{**r, "problem": common.strip_dapo_wrapper(r["problem"])} for r in rows]
+    upstream, heldout = split_labels(rows, args.heldout_frac, args.split_seed)
+    return {"1": upstream, "2a": upstream, "2b": upstream,
+            "3": {"heldout": heldout, "replay": upstream, "all": rows}[args.stage3_data]}
+
+
+def main(args: Args) -> None:
+    stages, steps = check_args(args)
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir is not None and (resume_dir / "trainer_state.pt").exists():
         resume_dir = resume_dir.parent.parent
-    d, out, _ = runtime.start(dataclasses.replace(
-        args, resume="", output_dir=args.output_dir or (str(resume_dir) if resume_dir else "")), __file__)
+    d, out, _ = runtime.start(args, __file__, run_dir=args.output_dir or (str(resume_dir) if resume_dir else ""))
     done, ckpt = resume_point(args, out, stages) if args.resume else (0, None)
     offset = {s: sum(steps[x] for x in stages[:i]) for i, s in enumerate(stages)}
     total = sum(steps[s] for s in stages)
@@ -371,16 +363,11 @@ def main(args: Args) -> None:
     # the chat template sees enable_thinking (Qwen3's non-thinking mode); the tokenizers saved with models do not
     tok.apply_chat_template = functools.partial(tok.apply_chat_template, enable_thinking=args.enable_thinking)
     vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
-    grader = common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
-    rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
-    rows = [{**r, "problem": common.strip_dapo_wrapper(r["problem"])} for r in rows]
-    upstream, heldout = split_labels(rows, args.heldout_frac, args.split_seed)
-    data = {"1": upstream, "2a": upstream, "2b": upstream,
-            "3": {"heldout": heldout, "replay": upstream, "all": rows}[args.stage3_data]}
+    grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
+    data = stage_data(args)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
     train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
-    cuda_ckpt = args.grad_checkpointing and d.device.type == "cuda"
     engines = {}
 
     def engine(role: str):
@@ -389,7 +376,6 @@ def main(args: Args) -> None:
         if role not in engines:
             kind = args.rollout if role == GENERATES[stages[0]] else "hf"
             engines[role] = runtime.make_engine(kind, paths[role], d, toks[role], vocab, args)
-            runtime.seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts
         return engines[role]
 
     start = offset[stages[done]] if done < len(stages) else total
@@ -419,7 +405,7 @@ def main(args: Args) -> None:
         role, gen_role, n_steps = TRAINS[stage], GENERATES[stage], steps[stage]
         runtime.seed_everything(args.seed)
         model_path = {r: runtime.resolve(p, d) for r, p in src[stage].items()}
-        model = runtime.load_model(model_path[role], d, trainable=True, vocab=vocab, grad_ckpt=cuda_ckpt)
+        model = runtime.load_model(model_path[role], d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
         teacher = runtime.load_model(model_path["teacher"], d, trainable=False, vocab=vocab) if role == "student" \
             and stage in ("2a", "2b") else None
         lr = args.teacher_lr if role == "teacher" else args.lr
@@ -438,45 +424,38 @@ def main(args: Args) -> None:
                   f"{len(data[stage])} problems, {per_step} x {G} per step, steps {first}->{n_steps}")
 
         for step in range(first, n_steps):
-            t_step = time.perf_counter()
-            timing = {}
-            for g in opt.param_groups:
-                g["lr"] = runtime.lr_at(step, lr, args.lr_warmup_steps)
+            meter = runtime.Meter()
+            lr_now = runtime.set_lr(opt, step, lr, args.lr_warmup_steps)
 
             # --- weight sync: the engine gets the sampling model's current weights (vLLM discards them in sleep)
-            t0 = time.perf_counter()
-            runtime.sync_weights(gen_model, gen_engine)
-            timing["sync"] = time.perf_counter() - t0
+            with meter.time("sync"):
+                runtime.sync_weights(gen_model, gen_engine)
 
             # --- rollout: from the model that generates in this stage
-            t0 = time.perf_counter()
-            ro = runtime.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, args.max_prompt_tokens,
-                                 train_sampling, runtime.rollout_seed(args.seed, step, d.rank,
-                                                                      salt=STAGES.index(stage) + 1))
-            gen_engine.sleep()  # free the GPU for the update (vLLM); the next weight push wakes it
-            timing["rollout"] = time.perf_counter() - t0
+            with meter.time("rollout"):
+                ro = runtime.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, args.max_prompt_tokens,
+                                     train_sampling, runtime.rollout_seed(args.seed, step, d.rank,
+                                                                          salt=STAGES.index(stage) + 1))
+                gen_engine.sleep()  # free the GPU for the update (vLLM); the next weight push wakes it
 
             # --- reward: verifier accuracy (the GRPO signal in 1 and 3; only a metric in 2a and 2b)
-            t0 = time.perf_counter()
-            correct_B = torch.tensor(grader(ro.texts, ro.answers))
-            timing["reward"] = time.perf_counter() - t0
+            with meter.time("reward"):
+                correct_B = torch.tensor(grader(ro.texts, ro.answers))
 
             # --- logprobs -> loss -> step
             batch = ro.batch(tok.pad_token_id, d.device)
             engine_logp_BT = ro.engine_logprobs(batch.T, d.device)
-            t0 = time.perf_counter()
-            if grpo:
-                metrics, t_teacher = grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab, args), 0.0
-            else:
-                metrics, t_teacher = distill_update(stage, model, teacher, opt, batch, engine_logp_BT, vocab, args)
-                timing["teacher"] = t_teacher
-            timing["update"] = time.perf_counter() - t0 - t_teacher
-            timing["step"] = time.perf_counter() - t_step
+            with meter.time("update"):
+                if grpo:
+                    grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab, args, meter)
+                else:
+                    distill_update(stage, model, teacher, opt, batch, engine_logp_BT, vocab, args, meter)
 
             # --- log
-            metrics = {**metrics, **ro.stats(), "reward/mean": correct_B.mean().item(),
-                       "lr": opt.param_groups[0]["lr"], "perf/tokens_per_s": ro.num_tokens / timing["step"],
-                       **{f"timing_s/{k}": v for k, v in timing.items()}}
+            meter.set({"reward/mean": correct_B.mean(), "lr": lr_now})
+            metrics = meter.read(batch.mask_BT.sum()) | ro.stats()
+            metrics["timing_s/update"] -= metrics.get("timing_s/teacher", 0.0)
+            metrics["perf/tokens_per_s"] = ro.num_tokens / metrics["timing_s/step"]
             gstep = offset[stage] + step + 1
             log.metrics(gstep, {"stage": stage, "stage_step": step + 1, **runtime.all_reduce_mean(metrics, d)},
                         show=("reward/mean", "kl/forward", "kl/reverse"))
@@ -501,7 +480,7 @@ def main(args: Args) -> None:
             tmp = stage_done(out, stage).with_suffix(".tmp")
             tmp.write_text(json.dumps(summary, indent=1))
             os.replace(tmp, stage_done(out, stage))
-        runtime.dist.barrier()
+        runtime.barrier()
         ckpt = None
         del model, teacher, opt
         gc.collect()
@@ -512,7 +491,7 @@ def main(args: Args) -> None:
     if d.main:
         shutil.rmtree(out / "final", ignore_errors=True)
         shutil.copytree(out / f"stage_{stages[-1]}", out / "final")
-    runtime.dist.barrier()
+    runtime.barrier()
     log.close(("reward/mean", "kl/forward", "kl/reverse", "response/mean_length"))
     grader.close()
     log.print(f"[sparse_to_dense] done: {out}")

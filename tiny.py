@@ -16,7 +16,7 @@ its targets at once (`\\boxed{N}`, which it cannot compute) and works the rest o
 right about half the time); the large model always works it out. At temperature 1 the small model starts about
 30% of its answers directly and scores ~0.32 on average; GRPO learns to work things out first (responses grow
 longer, as in R1-Zero), distillation pulls it toward the teacher's habit, and held-out accuracy rises by ~0.09
-in 40 steps while the KL to the teacher falls threefold. `python tiny.py` prints the starting point.
+in 40 steps while the KL to the teacher falls threefold. `python bench/toy_models.py` prints the starting point.
 
 A third size, "base", is the large architecture warm-started to answer 80% of its targets at once, like an untuned
 base model that rarely reasons: the learner of s2l_po.py, whose frozen explorer is the small model. The large
@@ -26,7 +26,7 @@ has, because the small model works most of its answers out and so writes the beh
 Model and data names of the form `tiny:small`, `tiny:large`, `tiny:add,lin` are resolved here (through
 `resolve_model` and `make_split`); nothing else in the scripts needs to know about the toy world.
 
-    python tiny.py            # build (or reuse) the warm starts and print what each model can do
+    python tiny.py            # build (or reuse) the warm starts; python bench/toy_models.py: what each can do
 """
 
 from __future__ import annotations
@@ -303,36 +303,8 @@ def resolve_model(name: str, log=print) -> str:
     return name
 
 
-def describe(path: str, families: str = "add,mul,lin", n: int = 128, temperature: float = 1.0) -> dict:
-    """Accuracy on held-out problems per family (4 samples each), and how often the model works the answer out
-    rather than boxing it at once."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import common
-    import runtime
-
-    tok = AutoTokenizer.from_pretrained(path)
-    eng = runtime.HFEngine.__new__(runtime.HFEngine)  # a bare engine around a plain model: no process group
-    eng.model, eng.device, eng.batch_size = AutoModelForCausalLM.from_pretrained(path).eval(), torch.device("cpu"), 256
-    eng.stop_ids, eng.pad_id, eng.vocab = [tok.eos_token_id], tok.pad_token_id, len(tok)
-    out = {}
-    for fam in families.split(","):
-        rows = make_split(fam, "test", n, 0)
-        prompts = [common.encode_prompt(tok, r["problem"], "{problem}") for r in rows]
-        groups = eng.generate(prompts, 4, runtime.Sampling(48, temperature=temperature), seed=0)
-        texts = [(tok.decode(c.token_ids, skip_special_tokens=True), r["answer"]) for r, g in zip(rows, groups) for c in g]
-        out[fam] = {"accuracy": sum(common.last_boxed(t) == a for t, a in texts) / len(texts),
-                    "worked_out": sum(not t.lstrip().startswith("\\boxed") for t, _ in texts) / len(texts)}
-    return out
-
-
 if __name__ == "__main__":
     for size in SIZES:
         t0 = time.time()
-        path = warm_start(size)
-        print(f"{size}: {path} ({time.time() - t0:.0f}s)")
-        for temp in (1.0, 0.0):
-            stats = describe(str(path), temperature=temp)
-            print(f"  T={temp}: " + "  ".join(f"{f} acc {v['accuracy']:.2f} worked-out {v['worked_out']:.2f}"
-                                             for f, v in stats.items()))
+        print(f"{size}: {warm_start(size)} ({time.time() - t0:.0f}s)")
+    print("what each model can do: python bench/toy_models.py")

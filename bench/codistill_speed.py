@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import codistill_grpo as cd  # noqa: E402
 import common  # noqa: E402
 import runtime  # noqa: E402
+import verifiers  # noqa: E402
 
 
 def run_seed(args: cd.Args, d, steps: int) -> dict[str, list[float]]:
@@ -42,7 +43,7 @@ def run_seed(args: cd.Args, d, steps: int) -> dict[str, list[float]]:
     engine_B = runtime.make_engine("hf", large_path, d, tok, vocab, args)
     opt = torch.optim.AdamW(small.parameters(), lr=args.lr)
     opt_A, opt_B = (torch.optim.AdamW(m.parameters(), lr=args.large_lr) for m in (large_A, large_B))
-    grader = common.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
+    grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)

@@ -27,14 +27,15 @@ def run_trl(steps: int, out: Path) -> list[float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import common
+
+    import verifiers
     import tiny
 
     path = tiny.warm_start("small")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
     rows = tiny.make_split("add,mul,lin", "train", 512, 0)
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["problem"]}], "answer": r["answer"]} for r in rows])
-    grader = common.Grader(workers=1)
+    grader = verifiers.Grader(workers=1)
 
     def accuracy(completions, answer, **kw):
         return grader([c[0]["content"] for c in completions], list(answer))

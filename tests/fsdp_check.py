@@ -60,7 +60,7 @@ def main(out: Path, reload: bool) -> None:
         gfull = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         torch.testing.assert_close(gfull, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
-    engine = runtime.HFEngine(str(path), d, [1], 0, 44, 8)
+    engine = runtime.HFEngine.replica(str(path), d, [1], 0, 44, 8)
     opt.step()
     runtime.sync_weights(model, engine)
     full = dict(runtime.full_params(model))

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import common
+import verifiers
 
 TIMEOUT = 4.0
 SLACK = 8.0  # start-up and clean-up of the sandbox's interpreter on a busy 2-core machine
@@ -30,7 +31,7 @@ def call_test(expr: str) -> str:
 
 @pytest.fixture(scope="module")
 def verifier():
-    v = common.CodeVerifier(workers=4, timeout_s=TIMEOUT, memory_mb=512, max_procs=8)
+    v = verifiers.CodeVerifier(workers=4, timeout_s=TIMEOUT, memory_mb=512, max_procs=8)
     yield v
     v.close()
 
@@ -75,7 +76,7 @@ def run_timed(v, code: str, test: str) -> tuple[float, float]:
     ("```python\nunclosed", None),
 ])
 def test_last_code_block(text, want):
-    assert common.last_code_block(text) == want
+    assert verifiers.last_code_block(text) == want
 
 
 def test_isolation_report(verifier):
@@ -84,7 +85,7 @@ def test_isolation_report(verifier):
     if iso["namespaces"]:
         assert iso["network"] == "namespace" and iso["filesystem"] == "read-only, tmpfs cwd"
     if os.geteuid() == 0:
-        assert iso["uid"] >= common.CodeVerifier.UID_BASE and iso["privileges"] == "own uid"
+        assert iso["uid"] >= verifiers.CodeVerifier.UID_BASE and iso["privileges"] == "own uid"
     elif iso["namespaces"]:
         assert iso["privileges"] == "user namespace, no capabilities"
 

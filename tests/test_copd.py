@@ -237,8 +237,8 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
     for extra, msg in cases:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
             copd.plan(_args(*extra), world=2)
-    assert copd.plan(_args(), world=2)["total"] == 40
-    assert copd.plan(_args("--mode", "static_opd"), world=2)["total"] == 40 + 16   # T_opd = 40·4/10
+    assert copd.plan(_args(), world=2).total == 40
+    assert copd.plan(_args("--mode", "static_opd"), world=2).total == 40 + 16   # T_opd = 40·4/10
     # a bad flag in a real launch fails before any model is loaded, with the same message
     p = run_script("copd.py", "--preset", "tiny", "--beta", "1", "2", "3", "--output-dir", str(tmp_path / "x"),
                    check=False)

@@ -28,7 +28,7 @@ class ForgetfulEngine:
         with torch.no_grad():
             for p in self.inner.model.parameters():
                 p.zero_()
-        self.has_weights, self.sleeps = False, self.sleeps + 1
+        self.has_weights, self.sleeps, self.holds = False, self.sleeps + 1, None
 
     def generate(self, *args, **kwargs):
         if not self.has_weights:
@@ -57,7 +57,7 @@ def test_forgetful_engine_catches_a_missing_push(warm):
     tok = runtime.load_tokenizer(warm["small"])
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(warm["small"])
-    eng = ForgetfulEngine(runtime.HFEngine(warm["small"], d, runtime.eos_ids(tok, warm["small"]), tok.pad_token_id,
+    eng = ForgetfulEngine(runtime.HFEngine.replica(warm["small"], d, runtime.eos_ids(tok, warm["small"]), tok.pad_token_id,
                                            len(tok), 8))
     s = runtime.Sampling(4, 1.0, 1.0, -1)  # -1: no top-k, as vLLM spells it
     with pytest.raises(AssertionError, match="without a weight push"):

@@ -1,6 +1,7 @@
 """runtime.py: the HF rollout engine against transformers' generate, sampling filters against a loop reference,
 argument presets, and checkpoint/FSDP2 plumbing under a 2-rank torchrun."""
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -14,9 +15,7 @@ from test_math import _tiny_model
 
 
 def _engine(model, vocab, stop=(1,), batch_size=4):
-    eng = runtime.HFEngine.__new__(runtime.HFEngine)
-    eng.model, eng.device, eng.stop_ids, eng.pad_id, eng.vocab, eng.batch_size = model, torch.device("cpu"), list(stop), 0, vocab, batch_size
-    return eng
+    return runtime.HFEngine(model, list(stop), 0, vocab, batch_size)
 
 
 def test_greedy_sampling_matches_transformers_generate():
@@ -157,3 +156,44 @@ def test_vllm_engine_wakes_pushes_and_sleeps_in_order():
     assert out[0][0].finished and eng.llm.sampling.allowed_token_ids == list(range(16))  # no padded-vocab ids
     with pytest.raises(RuntimeError, match="push weights"):
         eng.generate([[5]], 1, runtime.Sampling(4), seed=0)
+
+
+def test_update_on_two_fsdp_ranks_equals_one_model_on_the_whole_batch(tmp_path):
+    """The README's claim that N ranks compute the update one process would with the whole batch: two gloo ranks
+    with unequal response lengths (2.5x more tokens on rank 1), FSDP2, two optimizer steps of the shared skeleton
+    with a binding clip and AdamW, against one unsharded model, for all three loss aggregations."""
+    run_script("tests/fsdp_update_check.py", str(tmp_path), nproc=2, timeout=300)
+    res = json.loads((tmp_path / "update_check.json").read_text())
+    assert set(res) == {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"}
+    for agg, r in res.items():
+        assert r["grad_norms"] == pytest.approx(r["ref_grad_norms"], rel=1e-5), agg
+        assert all(n > 0.5 for n in r["grad_norms"][:1]), agg  # the clip at 0.5 binds
+        assert r["max_grad_diff"] < 1e-6 * max(r["max_grad"], 1.0), (agg, r)
+        assert r["max_weight_diff"] < 1e-3 * r["max_weight_change"], (agg, r)  # fp32 reduction order only
+
+
+def test_minibatches_are_exactly_the_requested_optimizer_steps():
+    batch = common.Batch.of([[1, 2]] * 12, [[3, 4, 5]] * 12, 0, "cpu")
+    assert [len(u) for u in runtime.minibatches(batch, 1, 4)] == [3, 3, 3, 3]
+    with pytest.raises(ValueError, match="--num-minibatches 8 does not divide this rank's 12 micro-batches"):
+        runtime.minibatches(batch, 1, 8)  # before: silently 6 optimizer steps of 2
+
+
+def test_meter_reduces_like_per_item_python_sums():
+    """The meter's one-sync readout equals the float64 Python sums it replaced, to the last bit."""
+    torch.manual_seed(0)
+    xs = [torch.randn(3, 5) for _ in range(4)]
+    m = runtime.Meter()
+    ref_sum, ref_add, ref_max = 0.0, 0.0, 0.0
+    for x in xs:
+        m.tokens({"a": x})
+        m.add({"b": x.mean()}, divide_by=3)
+        m.max({"c/max": x})
+        ref_sum += x.sum().item()
+        ref_add += x.mean().item() / 3
+        ref_max = max(ref_max, x.max().item())
+    with m.time("t"):
+        pass
+    out = m.read(torch.tensor(17.0))
+    assert out["a"] == ref_sum / 17.0 and out["b"] == ref_add and out["c/max"] == ref_max
+    assert set(out) == {"a", "b", "c/max", "timing_s/t", "timing_s/step"}

@@ -193,7 +193,7 @@ def test_end_to_end_torchrun_two_ranks_alternating_with_tis(tmp_path, warm):
 
 def test_passk_probe(tmp_path, warm):
     out = tmp_path / "probe"
-    run_script("s2l_po.py", "--preset", "tiny", "--passk-probe", "--passk-samples", "8", "--eval-limit", "8",
+    run_script("bench/s2l_passk.py", "--preset", "tiny", "--passk-samples", "8", "--eval-limit", "8",
                "--passk-data", "tiny_add,tiny_lin", "--output-dir", str(out))
     res = json.loads((out / "passk.json").read_text())
     assert set(res["models"]) == {"explorer", "learner"} and res["n"] == 8

@@ -6,13 +6,13 @@ import time
 
 import pytest
 
-import common
+import verifiers
 from conftest import SHARED_DATA, read_jsonl
 
 
 @pytest.fixture(scope="module")
 def grader():
-    g = common.Grader(workers=2, timeout_s=3.0)
+    g = verifiers.Grader(workers=2, timeout_s=3.0)
     yield g
     g.close()
 
@@ -28,15 +28,15 @@ def grader():
     ("\\boxed{}", ""),
 ])
 def test_last_boxed(text, want):
-    assert common.last_boxed(text) == want
+    assert verifiers.last_boxed(text) == want
 
 
 def test_answer_tag_mode():
-    assert common.extract_answer("<think>x</think> <answer> 42 </answer>", "answer_tag") == "42"
-    assert common.extract_answer("<answer>\\boxed{7}</answer>", "answer_tag") == "7"
-    assert common.extract_answer("\\boxed{7}", "answer_tag") is None
-    assert common.tag_format_reward("<think>a</think><answer>b</answer>", ("</think>", "</answer>"), 0.25) == 0.5
-    assert common.tag_format_reward("</think></think>", ("</think>", "</answer>"), 0.25) == 0.0
+    assert verifiers.extract_answer("<think>x</think> <answer> 42 </answer>", "answer_tag") == "42"
+    assert verifiers.extract_answer("<answer>\\boxed{7}</answer>", "answer_tag") == "7"
+    assert verifiers.extract_answer("\\boxed{7}", "answer_tag") is None
+    assert verifiers.tag_format_reward("<think>a</think><answer>b</answer>", ("</think>", "</answer>"), 0.25) == 0.5
+    assert verifiers.tag_format_reward("</think></think>", ("</think>", "</answer>"), 0.25) == 0.0
 
 
 TABLE = [
