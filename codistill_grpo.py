@@ -246,7 +246,7 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
                     diff_BT = (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * m
                     meter.tokens({"sampling/logp_diff_mean": diff_BT})
                     meter.max({"sampling/logp_diff_max/max": diff_BT})
-        meter.set({"policy/grad_norm": runtime.optimizer_step(model, opt, args.max_grad_norm)})
+        runtime.optimizer_step(model, opt, args.max_grad_norm, meter)
     meter.set({"lr": lr})
     return meter.read(batch.mask_BT.sum())
 
@@ -495,4 +495,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS))
+    main(runtime.parse_args(Args, PRESETS, check=check_args))

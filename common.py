@@ -38,7 +38,9 @@ def group_advantages(rewards_PG: torch.Tensor, scale: str = "std", eps: float = 
 def ppo_clip_loss(logp_BT, old_logp_BT, adv_BT, clip_low: float, clip_high: float):
     """PPO-clip surrogate with separate low/high clip (DAPO clip-higher). Returns the per-token loss
     -min(rho*A, clip(rho, 1-clip_low, 1+clip_high)*A) and the boolean maps of tokens clipped low and high."""
-    ratio_BT = torch.exp(logp_BT - old_logp_BT)
+    # The log-ratio is clamped to ±20 before exp (as verl does): on-policy it is 0 and nothing changes, and a token
+    # with a runaway ratio and a negative advantage can no longer put a 1e10 loss and gradient into the step.
+    ratio_BT = torch.exp((logp_BT - old_logp_BT).clamp(-20.0, 20.0))
     unclipped_BT = -adv_BT * ratio_BT
     clipped_BT = -adv_BT * ratio_BT.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss_BT = torch.maximum(unclipped_BT, clipped_BT)
@@ -55,15 +57,16 @@ def truncated_is_weights(logp_target_BT, logp_behavior_BT, cap: float) -> torch.
 
 def kl_estimate(logp_BT, ref_logp_BT, kind: str) -> torch.Tensor:
     """Per-token estimators of KL(pi || pi_ref) on tokens sampled from pi (http://joschu.net/blog/kl-approx.html).
-    k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r, with log r = logp - ref_logp (clamped to
-    +-20 so that one wild token cannot overflow k3)."""
-    log_r_BT = (logp_BT - ref_logp_BT).clamp(-20.0, 20.0)
+    k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r, with log r = logp - ref_logp. k1 and k2 are exact
+    at any log-ratio, so the tokens where the two models disagree most keep their full gradient; only k3's
+    exponential is guarded (its argument clamped at 20, where it would otherwise overflow)."""
+    log_r_BT = logp_BT - ref_logp_BT
     if kind == "k1":
         return log_r_BT
     if kind == "k2":
         return 0.5 * log_r_BT ** 2
     if kind == "k3":
-        return torch.exp(-log_r_BT) - 1.0 + log_r_BT
+        return torch.exp((-log_r_BT).clamp(max=20.0)) - 1.0 + log_r_BT
     raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
 
 

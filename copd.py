@@ -252,7 +252,7 @@ def train_branch(model, opt, parts: list[Part], beta: float, vocab: int, args: A
                               "logp_diff_mean": (logp_BT - eng_BT[rows, :mb.T]).abs() * m_BT})
                 if p.kind == "cross":  # −δ = log π_student − log π_teacher on k's tokens: KL_k1(student‖teacher)
                     cross.tokens({"kl_teacher": -(p.teacher_logp_BT[rows, :mb.T] - old_BT) * m_BT})
-        meter.set({"grad_norm": runtime.optimizer_step(model, opt, args.max_grad_norm)})
+        runtime.optimizer_step(model, opt, args.max_grad_norm, meter, prefix="")
     comps = [c for p in parts for c in p.ro.comps]
     meter.set({"response_length": sum(len(c.token_ids) for c in comps) / len(comps)})
     native = [p.correct_B for p in parts if p.kind == "native"]
@@ -569,4 +569,5 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS))
+    # plan() checks each batch's prompt counts against the world size itself (--prompts-per-step is split per dataset)
+    main(runtime.parse_args(Args, PRESETS, check=lambda a: plan(a, runtime.world_size()), per_step=()))

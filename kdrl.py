@@ -184,12 +184,16 @@ def kdrl_loss(logp_BT, old_logp_BT, teacher_logp_BT, adv_B, kdm_B, mask_BT, beta
 # ----------------------------------------------------------------------------------------------------------
 # Train loop
 # ----------------------------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    if args.teacher == "none" and (args.kd_coef > 0 or args.rl_coef == 0):
+        raise ValueError("--teacher none is only for plain GRPO: set --kd-coef 0 (and keep --rl-coef > 0)")
+
+
 def main(args: Args) -> None:
+    check_args(args)
     d, out, ckpt = runtime.start(args, __file__)
 
     # --- models and data ---------------------------------------------------------------------------------
-    if args.teacher == "none" and (args.kd_coef > 0 or args.rl_coef == 0):
-        raise ValueError("--teacher none is only for plain GRPO: set --kd-coef 0 (and keep --rl-coef > 0)")
     student_path = runtime.resolve(args.model, d)
     tok = runtime.load_tokenizer(student_path)
     vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
@@ -285,7 +289,7 @@ def main(args: Args) -> None:
                         if teacher is not None:
                             delta_BT = (logp_BT - teacher_logp_BT) * m
                             meter.tokens({"kl/teacher": delta_BT, "kl/teacher_k2": 0.5 * delta_BT ** 2})
-                meter.set({"policy/grad_norm": runtime.optimizer_step(student, opt, args.max_grad_norm)})
+                runtime.optimizer_step(student, opt, args.max_grad_norm, meter)
 
         # --- weight sync: the rollout engine gets the new weights, one parameter at a time
         with meter.time("sync"):
@@ -319,4 +323,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS))
+    main(runtime.parse_args(Args, PRESETS, check=check_args))

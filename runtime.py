@@ -44,8 +44,97 @@ def arg(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None):
-    """Parse `cls` from the command line. `--preset NAME` applies that bundle of defaults; explicit flags win."""
+# Counts checked before anything loads (fields a script does not have are skipped). At least 1: a zero or negative
+# value here cannot run (an empty batch, no workers, a zero-sized chunk). At least 0: 0 has a meaning (see --help).
+AT_LEAST_1 = ("prompts_per_step", "distill_prompts_per_step", "distill_group_size", "eval_samples", "max_new_tokens",
+              "eval_max_new_tokens", "max_prompt_tokens", "rollout_batch_size", "micro_batch_size", "num_minibatches",
+              "logprob_chunk", "grader_workers", "code_workers", "overlap_k", "code_memory_mb")
+AT_LEAST_0 = ("total_steps", "steps_1", "steps_2a", "steps_2b", "steps_3", "static_opd_steps", "lr_warmup_steps",
+              "eval_every", "save_every", "eval_limit", "keep_checkpoints", "log_samples", "top_k", "eval_top_k",
+              "bank_top_k", "diag_prompts", "code_heldout", "s_rl", "s_opd")
+PER_STEP = ("prompts_per_step", "distill_prompts_per_step")  # split over the ranks by common.PromptStream
+MODEL_FIELDS = ("model", "teacher", "large_model", "explorer")  # the fields each script passes to `resolve`
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def world_size() -> int:
+    """The world size torchrun announces (1 under plain `python`), read before the process group exists."""
+    w = os.environ.get("WORLD_SIZE", "")
+    return int(w) if w.isdigit() and int(w) > 0 else 1
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def findable_offline(name: str) -> bool:
+    """Whether `name` loads without the network: a local folder, a `tiny:` model, or a hub name in the HF cache."""
+    if name.startswith("tiny:") or Path(name).expanduser().is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id, or no cache
+        return False
+
+
+def validate_args(args, check=None, models=None, per_step=PER_STEP) -> None:
+    """Reject arguments that cannot run, before any process group or model exists; raises ValueError naming the
+    flag. `check(args)`: the script's own rules; `models`: the model fields this run loads (a tuple, or a function
+    of args), default every MODEL_FIELDS field it has; `per_step`: the prompt counts split over the ranks."""
+    have = {f.name for f in dataclasses.fields(args)}
+    if "group_size" in have and args.group_size < 2:
+        raise ValueError(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt (its baseline "
+                         f"is the group mean; with 1 every advantage is 0); use --group-size 2 or more")
+    for name, low in [(n, 1) for n in AT_LEAST_1] + [(n, 0) for n in AT_LEAST_0]:
+        if name in have and getattr(args, name) < low:
+            raise ValueError(f"{flag(name)} {getattr(args, name)}: must be at least {low}")
+    world = world_size()
+    for name in per_step:
+        if name in have and getattr(args, name) % world:
+            n = getattr(args, name)
+            raise ValueError(f"{flag(name)} {n} does not divide by the world size {world} (WORLD_SIZE): use a multiple "
+                             f"of {world}, e.g. {flag(name)} {max(world, n - n % world)}, or launch {world} ranks "
+                             f"that divide it")
+    if check is not None:
+        check(args)
+    if hub_offline():
+        fields = models(args) if callable(models) else models if models is not None else \
+            [n for n in MODEL_FIELDS if n in have]
+        for name in fields:
+            value = getattr(args, name)
+            if value != "none" and not findable_offline(value):
+                raise ValueError(f"{flag(name)} {value!r}: HF_HUB_OFFLINE=1 and it is neither a local folder, a tiny: "
+                                 f"model, nor in the hub cache; download it first (HF_HUB_OFFLINE=0 huggingface-cli "
+                                 f"download {value}) or point {flag(name)} at a local folder")
+
+
+def unknown_flag_message(cls, rest: list[str]) -> str:
+    """One line for arguments no field takes: the first unknown flag and the closest valid one."""
+    import difflib
+    flags = [flag(f.name) for f in dataclasses.fields(cls)]
+    given = next((a for a in rest if a.startswith("-")), None)
+    if given is None:
+        return f"unexpected argument {rest[0]!r} (each flag takes its values right after it)"
+    name = "--" + given.lstrip("-").split("=", 1)[0].replace("_", "-")
+    close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
+    return f"unknown flag {given.split('=', 1)[0]}" + (f"; did you mean {close[0]}?" if close else
+                                                        "; see --help for the valid flags")
+
+
+def usage_error(message: str):
+    """The argparse convention: one line `<script>: error: <message>` on stderr, exit code 2, no traceback."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None, check=None, models=None,
+               per_step=PER_STEP):
+    """Parse `cls` from the command line. `--preset NAME` applies that bundle of defaults; explicit flags win. Then
+    `validate_args` (with the script's `check`, `models` and `per_step`); a bad argument exits with one line, code 2."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else argv
@@ -53,14 +142,20 @@ def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None):
     pre.add_argument("--preset", default="paper")
     preset = pre.parse_known_args(argv)[0].preset
     if preset not in presets:
-        raise SystemExit(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
+        usage_error(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
     parser = HfArgumentParser(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     bad = set(presets[preset]) - fields
     if bad:
         raise RuntimeError(f"preset {preset!r} sets unknown fields {sorted(bad)}")
     parser.set_defaults(**presets[preset])
-    (args,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    args, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
+    try:
+        if rest:
+            raise ValueError(unknown_flag_message(cls, rest))
+        validate_args(args, check, models, per_step)
+    except ValueError as e:
+        usage_error(str(e))
     return args
 
 
@@ -225,7 +320,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def _hub_error(path: str, e: Exception) -> Exception:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(path).exists():
+    if hub_offline() and not Path(path).exists():
         return OSError(f"cannot load {path!r}: HF_HUB_OFFLINE=1 and it is neither a local folder nor in the hub "
                        f"cache. Download it first, or point the flag at a local folder. ({e})")
     return OSError(f"cannot load {path!r}: {e}")
@@ -640,12 +735,18 @@ def accumulate(model, update: list, max_len: int):
         yield rows, mb, norm
 
 
-def optimizer_step(model, opt, max_grad_norm: float) -> torch.Tensor:
-    """Clip to a global gradient norm, step, zero the gradients; returns the norm before clipping (a tensor)."""
+def optimizer_step(model, opt, max_grad_norm: float, meter: "Meter", prefix: str = "policy/") -> None:
+    """Clip to a global gradient norm, step, zero the gradients; records the norm before clipping as
+    `<prefix>grad_norm`. A non-finite norm (a NaN or inf loss, or gradient) never reaches the weights: the step is
+    skipped and counted in `<prefix>nonfinite_skips` (RunLog reports it and stops a run that keeps doing it). The
+    norm is the same on every rank, so every rank skips together."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    opt.step()
+    norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).detach()
+    if bool(torch.isfinite(norm)):  # one host sync per optimizer step
+        opt.step()
+        meter.set({f"{prefix}grad_norm": norm})
+    meter.add({f"{prefix}nonfinite_skips": float(not torch.isfinite(norm))})
     opt.zero_grad(set_to_none=True)
-    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).detach()
 
 
 class Meter:
@@ -736,12 +837,16 @@ def versions() -> dict:
     return out
 
 
+NONFINITE_LIMIT = 3  # consecutive steps whose optimizer steps were skipped for a non-finite loss or gradient
+
+
 class RunLog:
-    """Rank 0 writes; every rank may call. `metrics.jsonl` holds one flat dict per step."""
+    """Rank 0 writes; every rank must call `metrics` (it may stop the run). `metrics.jsonl` holds one flat dict per
+    step."""
 
     def __init__(self, out_dir: Path, d: Dist, args, start_step: int, total_steps: int):
         self.dir, self.d = out_dir, d
-        self.bar = None
+        self.bar, self.bad_steps = None, 0
         if d.main:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg = {"args": dataclasses.asdict(args), "world_size": d.world, **versions()}
@@ -762,6 +867,25 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix({k.split("/")[-1] if k.count("/") else k: f"{m[k]:.3g}" for k in show if k in m})
+        self._check_finite(step, m)
+
+    def _check_finite(self, step: int, m: dict) -> None:
+        """Report skipped optimizer steps (the metrics are reduced over ranks, so every rank decides alike) and stop
+        the run after NONFINITE_LIMIT steps in a row had them: the weights are still the last good ones."""
+        skipped = sum(v for k, v in m.items() if k.endswith("nonfinite_skips"))
+        if not skipped:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        self.print(f"[step {step}] non-finite loss or gradient norm: optimizer step skipped, weights unchanged "
+                   f"({self.bad_steps} step(s) in a row)")
+        if self.bad_steps >= NONFINITE_LIMIT:
+            done = sorted((p for p in (self.dir / "checkpoints").glob("step_*") if p.name[5:].isdigit()),
+                          key=lambda p: int(p.name[5:]))
+            where = f"{done[-1]} (resume with --resume {self.dir})" if done else "none yet (no checkpoint written)"
+            raise SystemExit(f"stopping at step {step}: {self.bad_steps} steps in a row had a non-finite loss or "
+                             f"gradient norm, and their optimizer steps were skipped. Last checkpoint: {where}. Try a "
+                             f"lower --lr or --max-grad-norm, or look for a broken batch in samples.jsonl.")
 
     def eval(self, step: int, results: dict, tag: str = "") -> None:
         for bench, r in results.items():
@@ -892,16 +1016,24 @@ def load_checkpoint(ckpt: Path, models: dict, optimizers: dict, d: Dist) -> dict
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.api import CheckpointException
     if not (ckpt / "trainer_state.pt").exists() or not (ckpt / ".metadata").exists():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (trainer_state.pt or .metadata missing)")
-    trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    try:
+        trainer_state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"--resume: {ckpt / 'trainer_state.pt'} is unreadable (truncated or corrupt: {e}); resume "
+                           f"from an earlier checkpoints/step_N folder instead") from None
     state = {f"model.{k}": get_model_state_dict(m) for k, m in models.items()}
     state |= {f"optim.{k}": get_optimizer_state_dict(models[k], o) for k, o in optimizers.items()}
     try:
         dcp.load(state, checkpoint_id=str(ckpt))
-    except Exception as e:
-        raise RuntimeError(f"checkpoint {ckpt} does not match this run's models/optimizers (different model, "
-                           f"method or flags?): {e}") from e
+    except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+        files = sorted(p.name for p in ckpt.iterdir() if p.suffix == ".distcp")
+        first = str(e).strip().splitlines()
+        raise RuntimeError(f"--resume: checkpoint {ckpt} cannot be loaded into this run: truncated or corrupt files "
+                           f"({', '.join(files)}), or saved from another model, method or flags (shapes differ). "
+                           f"First error: {first[-1][:300] if first else type(e).__name__}") from None
     for k, m in models.items():
         set_model_state_dict(m, state[f"model.{k}"])
     for k, o in optimizers.items():

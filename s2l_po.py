@@ -36,7 +36,7 @@ Reconstructions and deviations (evidence: ../shared/research/papers_codistill_s2
      trained on its first 4,096). The bank holds only the problems that explorer steps will draw (the data order
      is fixed by the seed) rather than the whole dataset, and grows when a later run needs more.
   5. Optimisation as the code's online steps: one pass in 32 mini-batches of 32 prompts × G, AdamW lr 1e-6,
-     weight decay 0.01, clip 0.2 with dual clip 3, k3 KL 0.001 (its log-ratio clamped at ±20, verl clamps k3 at
+     weight decay 0.01, clip 0.2 with dual clip 3, k3 KL 0.001 (its exponential's argument capped at 20, verl clamps k3 at
      ±10). The code's offline steps used mini-batches of 32 *sequences* (32·G_w updates); not reproduced.
   6. Evaluation avg@16 at T 0.7, top-p 0.8, top-k 20 (non-thinking) on AIME 24/25, MATH-500, OlympiadBench, up
      to 8,192 tokens (paper 32k-39k), without the presence penalty 1.5, graded by math-verify (the code's scorer
@@ -422,9 +422,18 @@ def merge_updates(parts: list[dict]) -> dict:
     return out
 
 
+def uses_explorer(args: Args) -> bool:
+    return args.bank_only or any(g_w for step in range(args.total_steps) for g_w, _ in substeps(step, args))
+
+
+def model_fields(args: Args) -> tuple[str, ...]:
+    """The model flags this run loads: the explorer only where its rollouts are mixed in (or --bank-only)."""
+    return ("model", "explorer") if uses_explorer(args) else ("model",)
+
+
 def main(args: Args) -> None:
-    d, out, ckpt = runtime.start(args, __file__)
     check_args(args)
+    d, out, ckpt = runtime.start(args, __file__)
 
     # --- models and data ---------------------------------------------------------------------------------
     learner_path = runtime.resolve(args.model, d)
@@ -432,9 +441,8 @@ def main(args: Args) -> None:
     vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     rows = [{**r, "problem": common.strip_dapo_wrapper(r["problem"])} for r in rows]  # reconstruction 3
-    uses_explorer = any(g_w for step in range(args.total_steps) for g_w, _ in substeps(step, args))
     bank = None
-    if uses_explorer or args.bank_only:
+    if uses_explorer(args):
         explorer_path = runtime.resolve(args.explorer, d)
         runtime.check_same_tokenizer(tok, runtime.load_tokenizer(explorer_path), "--model", "--explorer")
         say = (lambda msg: print(msg, flush=True)) if d.main else (lambda msg: None)
@@ -532,7 +540,7 @@ def main(args: Args) -> None:
                         if n_expl and args.is_correction == "token_tis":
                             expl.tokens({"is/weight_mean": isw_BT * e_BT,
                                          "is/capped_frac": (isw_BT >= args.is_cap) * e_BT})
-                part.set({"policy/grad_norm": runtime.optimizer_step(learner, opt, args.max_grad_norm)})
+                runtime.optimizer_step(learner, opt, args.max_grad_norm, part)
 
         # --- weight sync: the rollout engine gets the new weights, one parameter at a time
         with meter.time("sync"):
@@ -578,4 +586,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS))
+    main(runtime.parse_args(Args, PRESETS, check=check_args, models=model_fields))

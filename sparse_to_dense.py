@@ -259,7 +259,7 @@ def grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab: int, args: 
                 meter.tokens({"policy/entropy": ent_BT * m, "policy/clip_low": low_BT * m,
                               "policy/clip_high": high_BT * m, "sampling/logp_diff_mean": diff_BT})
                 meter.max({"sampling/logp_diff_max/max": diff_BT})
-        meter.set({"policy/grad_norm": runtime.optimizer_step(model, opt, args.max_grad_norm)})
+        runtime.optimizer_step(model, opt, args.max_grad_norm, meter)
     meter.set({"reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean()})
 
 
@@ -285,7 +285,7 @@ def distill_update(stage: str, student, teacher, opt, batch, engine_logp_BT, voc
             if stage == "2a" and args.fkl_loss == "nll":  # sampled estimate: the engine's teacher log-probs
                 kl = (engine_logp_BT[rows, :mb.T] * mb.mask_BT).sum().double() + kl
             meter.tokens({key: kl})
-    meter.set({"policy/grad_norm": runtime.optimizer_step(student, opt, args.max_grad_norm)})
+    runtime.optimizer_step(student, opt, args.max_grad_norm, meter)
 
 
 def stage_done(out: Path, stage: str) -> Path:
@@ -321,6 +321,13 @@ def check_args(args: Args) -> tuple[list[str], dict[str, int]]:
     steps = {"1": args.steps_1, "2a": args.steps_2a, "2b": args.steps_2b, "3": args.steps_3}
     if any(steps[s] < 1 for s in stages):
         raise ValueError("every stage in --stages needs --steps-<s> >= 1; leave a stage out to skip it")
+    world = runtime.world_size()
+    for s in stages:
+        name, n = ("--prompts-per-step", args.prompts_per_step) if s in GRPO_STAGES else \
+            ("--distill-prompts-per-step", args.distill_prompts_per_step)
+        if n % world:
+            raise ValueError(f"{name} {n} does not divide by the world size {world} (WORLD_SIZE): use a multiple of "
+                             f"{world}, e.g. {name} {max(world, n - n % world)}, or launch {world} ranks that divide it")
     if args.rollout == "vllm" and len({GENERATES[s] for s in stages}) > 1:
         raise ValueError(f"--rollout vllm holds one model per process, but --stages {args.stages} samples from both "
                          f"the teacher (1, 2a) and the student (2b, 3). Run --stages 1,2a first, then --stages 2b,3 "
@@ -336,6 +343,14 @@ def stage_data(args: Args) -> dict[str, list[dict]]:
     upstream, heldout = split_labels(rows, args.heldout_frac, args.split_seed)
     return {"1": upstream, "2a": upstream, "2b": upstream,
             "3": {"heldout": heldout, "replay": upstream, "all": rows}[args.stage3_data]}
+
+
+def model_fields(args: Args) -> list[str]:
+    """The model flags this run loads: --teacher where a stage trains or samples from it, --model where one trains
+    the student."""
+    stages = parse_stages(args.stages)
+    roles = {TRAINS[s] for s in stages} | ({"teacher"} if {"2a", "2b"} & set(stages) else set())
+    return [f for r, f in (("teacher", "teacher"), ("student", "model")) if r in roles]
 
 
 def main(args: Args) -> None:
@@ -499,4 +514,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS))
+    main(runtime.parse_args(Args, PRESETS, check=check_args, models=model_fields, per_step=()))

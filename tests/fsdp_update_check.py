@@ -74,7 +74,9 @@ def main(out: Path) -> None:
             if grads is None:  # the first step's reduced gradients, gathered
                 grads = {k.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()
                          for k, p in model.named_parameters()}
-            norms.append(runtime.optimizer_step(model, opt, CLIP).item())
+            meter = runtime.Meter(clock=False)
+            runtime.optimizer_step(model, opt, CLIP, meter)
+            norms.append(meter.read()["policy/grad_norm"])
         sharded = params(model)
 
         # --- one unsharded model, each optimizer step on the matching micro-batches of both ranks at once

@@ -141,6 +141,26 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
     assert p.returncode != 0 and "not a complete checkpoint" in p.stderr
 
 
+def test_resume_from_a_truncated_or_mismatched_checkpoint_names_the_problem(tmp_path, warm):
+    """A truncated shard, or a checkpoint of another model shape, fails with one message naming the checkpoint; the
+    raw torch error used to escape (CheckpointException derives from BaseException, past `except Exception`)."""
+    run = tmp_path / "run"
+    run_script("kdrl.py", "--preset", "tiny", "--total-steps", "2", "--eval-every", "0", "--eval-limit", "4",
+               "--eval-samples", "1", "--prompts-per-step", "4", "--group-size", "4", "--save-every", "1",
+               "--output-dir", str(run))
+    ck = run / "checkpoints" / "step_1"
+    assert ck.exists()
+    p = run_script("kdrl.py", "--preset", "tiny", "--total-steps", "3", "--resume", str(run), "--model", "tiny:large",
+                   "--prompts-per-step", "4", "--group-size", "4", check=False)
+    assert p.returncode != 0 and f"checkpoint {ck} cannot be loaded into this run" in p.stderr, p.stderr[-2000:]
+    shard = next(ck.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # as a full disk or a killed copy leaves it
+    p = run_script("kdrl.py", "--preset", "tiny", "--total-steps", "3", "--resume", str(run), "--prompts-per-step",
+                   "4", "--group-size", "4", check=False)
+    assert p.returncode != 0 and f"checkpoint {ck} cannot be loaded into this run" in p.stderr, p.stderr[-2000:]
+    assert shard.name in p.stderr
+
+
 def test_tiny_preset_learns(tmp_path, warm):
     """The README's tiny run: 40 KDRL steps on the CPU toy world. Measured over seeds 0-1 and both GRPO and KDRL
     settings, held-out accuracy (mean avg@4 over the three task families, 1,536 samples) rose by 0.08-0.10 and

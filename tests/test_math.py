@@ -40,6 +40,35 @@ def test_ppo_clip_loss_matches_loop():
         assert bool(high[b, t]) == (rho > 1.28 and a > 0)
 
 
+def test_ppo_clip_loss_is_bounded_at_runaway_ratios_and_exact_on_policy():
+    """A negative advantage with a log-ratio of 25 gave a loss and gradient of 7e10; the log-ratio is clamped at ±20
+    (as in verl), which leaves the on-policy value and gradient (ratio 1) exactly as they were."""
+    logp = torch.tensor([[25.0, -25.0, 0.0, 19.0]], requires_grad=True)
+    old, adv = torch.zeros(1, 4), torch.tensor([[-1.0, 1.0, -1.0, -1.0]])
+    loss, _, _ = common.ppo_clip_loss(logp, old, adv, 0.2, 0.2)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and loss.max() <= math.exp(20.0) * 1.0001
+    assert logp.grad[0, 0] == 0 and torch.isfinite(logp.grad).all()           # past the clamp: no push at all
+    assert loss[0, 2].item() == 1.0 and logp.grad[0, 2].item() == 1.0         # on-policy: -A·ρ, d/dlogp = -A·ρ
+    assert abs(loss[0, 3].item() - math.exp(19.0)) / math.exp(19.0) < 1e-5    # inside the clamp: unchanged
+
+
+def test_kl_estimators_keep_exact_gradients_at_extreme_log_ratios():
+    """k1 and k2 are exact at any log-ratio (a ±20 clamp made KDRL's k2 gradient vanish exactly where student and
+    teacher disagree most); k3 stays finite where its exponential would overflow."""
+    for delta in (25.0, -25.0, 100.0, -100.0):
+        for kind, want in (("k1", 1.0), ("k2", delta)):
+            lp = torch.tensor([delta], requires_grad=True)
+            common.kl_estimate(lp, torch.zeros(1), kind).sum().backward()
+            assert lp.grad.item() == pytest.approx(want), (kind, delta)
+        lp = torch.tensor([delta], requires_grad=True)
+        k3 = common.kl_estimate(lp, torch.zeros(1), "k3")
+        k3.sum().backward()
+        assert torch.isfinite(k3).all() and torch.isfinite(lp.grad).all(), delta
+        if delta > 0:  # no overflow there: the exact value and gradient 1 - e^-δ
+            assert k3.item() == pytest.approx(math.exp(-delta) - 1 + delta) and lp.grad.item() == pytest.approx(1.0)
+
+
 def test_truncated_is_weights_match_loop():
     a, b = torch.randn(3, 5), torch.randn(3, 5)
     w = common.truncated_is_weights(a, b, 2.0)

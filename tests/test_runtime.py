@@ -3,6 +3,8 @@ argument presets, and checkpoint/FSDP2 plumbing under a 2-rank torchrun."""
 
 import json
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 import common
 import runtime
-from conftest import run_script
+from conftest import ROOT, run_script
 from test_math import _tiny_model
 
 
@@ -197,3 +199,50 @@ def test_meter_reduces_like_per_item_python_sums():
     out = m.read(torch.tensor(17.0))
     assert out["a"] == ref_sum / 17.0 and out["b"] == ref_add and out["c/max"] == ref_max
     assert set(out) == {"a", "b", "c/max", "timing_s/t", "timing_s/step"}
+
+
+def test_optimizer_step_skips_a_non_finite_gradient():
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    meter = runtime.Meter(clock=False)
+    runtime.optimizer_step(model, opt, 1.0, meter)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))   # the weights never saw the NaN
+    assert all(p.grad is None for p in model.parameters()) and not opt.state   # nor did AdamW's moments
+    assert meter.read() == {"policy/nonfinite_skips": 1.0}                     # counted; no NaN grad norm logged
+    model(torch.ones(1, 3)).sum().backward()
+    runtime.optimizer_step(model, opt, 1.0, meter)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_run_whose_loss_turns_nan_skips_its_steps_then_stops_with_a_message(tmp_path, warm):
+    """kdrl.py with the loss made NaN from step 2 on: steps 2-4 are skipped and counted, the run stops at step 4
+    naming the last checkpoint, and that checkpoint holds the good step-1 weights."""
+    shim = ("import runpy, sys, common\n"
+            "agg, calls = common.agg_loss, [0]\n"
+            "def nan_after_step_1(*a, **k):\n"
+            "    calls[0] += 1\n"
+            "    out = agg(*a, **k)\n"
+            "    return out * float('nan') if calls[0] > 2 else out\n"  # two agg_loss calls per step: pg and kd
+            "common.agg_loss = nan_after_step_1\n"
+            "sys.argv = ['kdrl.py', *sys.argv[1:]]\n"
+            "runpy.run_path('kdrl.py', run_name='__main__')\n")
+    out = tmp_path / "run"
+    args = ["--preset", "tiny", "--total-steps", "8", "--eval-every", "0", "--eval-limit", "4", "--eval-samples", "1",
+            "--prompts-per-step", "4", "--group-size", "4", "--save-every", "1", "--keep-checkpoints", "5",
+            "--output-dir", str(out)]
+    proc = subprocess.run([sys.executable, "-c", shim, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "stopping at step 4: 3 steps in a row had a non-finite loss or gradient norm" in proc.stderr, proc.stderr[-3000:]
+    assert "Last checkpoint: " in proc.stderr and "step_3" in proc.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["policy/nonfinite_skips"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert "policy/grad_norm" in rows[0] and all("policy/grad_norm" not in r for r in rows[1:])
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    for s in (1, 3):
+        dcp_to_torch_save(out / "checkpoints" / f"step_{s}", tmp_path / f"s{s}.pt")
+    w1, w3 = (torch.load(tmp_path / f"s{s}.pt", weights_only=True)["model.student"] for s in (1, 3))
+    assert w1 and all(torch.equal(w1[k], w3[k]) for k in w1)  # the skipped steps left the weights as they were

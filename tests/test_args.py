@@ -1,0 +1,101 @@
+"""Arguments are checked before anything loads: a bad one exits at once with one line naming the flag, exit code 2."""
+
+import importlib
+
+import pytest
+from conftest import run_script
+
+import runtime
+
+SCRIPTS = ("kdrl", "codistill_grpo", "s2l_po", "copd", "sparse_to_dense")
+
+
+def _refused(script: str, out, *argv: str, env: dict | None = None) -> str:
+    """Run `script --preset tiny ...` as a user would; it must refuse at once: exit 2, one clean error line, no
+    traceback, and no run directory (nothing was loaded or written)."""
+    p = run_script(f"{script}.py", "--preset", "tiny", "--output-dir", str(out), *argv, check=False, timeout=120,
+                   env=env)
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}.py: error: "), p.stderr[-3000:]
+    assert not out.exists() and not (out / "metrics.jsonl").exists()
+    return last
+
+
+@pytest.mark.parametrize("script,argv,env,expect", [
+    ("kdrl", ("--group-size", "1"), None, "--group-size 1: GRPO needs at least 2 completions per prompt"),
+    ("codistill_grpo", ("--group-size", "-4"), None, "--group-size -4: GRPO needs at least 2"),
+    ("s2l_po", ("--micro-batch-size", "0"), None, "--micro-batch-size 0: must be at least 1"),
+    ("sparse_to_dense", ("--distill-group-size", "0"), None, "--distill-group-size 0: must be at least 1"),
+    ("copd", ("--total-steps", "-1"), None, "--total-steps -1: must be at least 0"),
+    ("kdrl", (), dict(WORLD_SIZE="3", RANK="0", LOCAL_RANK="0"),
+     "--prompts-per-step 16 does not divide by the world size 3 (WORLD_SIZE): use a multiple of 3, e.g. "
+     "--prompts-per-step 15"),
+    ("sparse_to_dense", ("--stages", "2a,2b"), dict(WORLD_SIZE="3", RANK="0", LOCAL_RANK="0"),
+     "--distill-prompts-per-step 32 does not divide by the world size 3"),
+    ("kdrl", ("--group-sise", "4"), None, "unknown flag --group-sise; did you mean --group-size?"),
+    ("s2l_po", ("--alpha_strat=0.5",), None, "unknown flag --alpha_strat; did you mean --alpha-start?"),
+    ("kdrl", ("--teacher", "nobody/not-a-cached-model"), dict(HF_HUB_OFFLINE="1"),
+     "--teacher 'nobody/not-a-cached-model': HF_HUB_OFFLINE=1 and it is neither a local folder"),
+    # a script's own rules run at parse time too, before the process group
+    ("codistill_grpo", ("--large-rollout-frac", "0.3"), None, "--large-rollout-frac 0.3 × --group-size 8"),
+    ("s2l_po", ("--t-mix", "-1"), None, "--t-mix -1"),
+], ids=['group_size_1', 'group_size_negative', 'micro_batch_size_0', 'distill_group_size_0', 'total_steps_negative', 'world_size', 'world_size_distill', 'unknown_flag', 'unknown_flag_underscore', 'hub_offline', 'script_rule_codistill', 'script_rule_s2l'])
+def test_bad_input_exits_at_once_with_one_line(tmp_path, script, argv, env, expect):
+    assert expect in _refused(script, tmp_path / "run", *argv, env=env)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_preset_parses(script, monkeypatch):
+    """Every preset of every script passes the checks (online, as on a machine with the hub; one rank)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    mod = importlib.import_module(script)
+    for name in mod.PRESETS:
+        args = runtime.parse_args(mod.Args, mod.PRESETS, ["--preset", name])
+        runtime.validate_args(args, getattr(mod, "check_args", None), getattr(mod, "model_fields", None),
+                              () if script in ("copd", "sparse_to_dense") else runtime.PER_STEP)
+        if script == "copd":
+            mod.plan(args, runtime.world_size())
+
+
+def _exit_line(capsys, mod, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        runtime.parse_args(mod.Args, mod.PRESETS, ["--preset", "tiny", *argv])
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_zero_where_it_means_something(capsys, monkeypatch, tmp_path):
+    """0 is a valid value where --help gives it a meaning (never, all, keep every checkpoint, evaluate only); a
+    negative one is not."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    import kdrl
+    import sparse_to_dense as s2d
+    a = runtime.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny", "--total-steps", "0", "--eval-every", "0",
+                                                     "--save-every", "0", "--eval-limit", "0", "--keep-checkpoints",
+                                                     "0", "--log-samples", "0", "--lr-warmup-steps", "0"])
+    assert (a.total_steps, a.keep_checkpoints) == (0, 0)
+    assert "--save-every -1: must be at least 0" in _exit_line(capsys, kdrl, "--save-every", "-1")
+    assert "--grader-workers 0: must be at least 1" in _exit_line(capsys, kdrl, "--grader-workers", "0")
+    assert "--num-minibatches 0: must be at least 1" in _exit_line(capsys, kdrl, "--num-minibatches", "0")
+    # a stage left out may have 0 steps
+    assert runtime.parse_args(s2d.Args, s2d.PRESETS, ["--preset", "tiny", "--stages", "2b,3", "--steps-1", "0"])
+    # the model checks only the models the run loads: a local folder is fine offline, and so is an uncached
+    # explorer that plain GRPO (--t-mix 0) never loads
+    import s2l_po
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runtime.validate_args(runtime.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny", "--teacher",
+                                                                        str(tmp_path)]))
+    args = runtime.parse_args(s2l_po.Args, s2l_po.PRESETS, ["--preset", "tiny", "--t-mix", "0", "--explorer",
+                                                            "nobody/not-cached"], models=s2l_po.model_fields)
+    with pytest.raises(ValueError, match="--explorer 'nobody/not-cached': HF_HUB_OFFLINE=1"):
+        args.t_mix = 2
+        runtime.validate_args(args, models=s2l_po.model_fields)
+
+
+def test_unknown_preset_is_one_line(capsys):
+    import kdrl
+    line = _exit_line(capsys, kdrl, "--preset", "nope")
+    assert "unknown --preset 'nope'" in line and "\n" not in line
