@@ -65,7 +65,7 @@ def run_ours(steps: int, out: Path) -> list[float]:
            "--total-steps", str(steps), "--eval-every", "0", "--save-every", "0", "--eval-limit", "8",
            "--micro-batch-size", str(P * G), "--output-dir", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return [json.loads(x)["timing_s/step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
 
 
 def main() -> None:
@@ -78,14 +78,17 @@ def main() -> None:
         print(json.dumps(run_trl(a.steps, out / "trl")))
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
-    ours = run_ours(a.steps, out / "ours")[WARMUP:]
+    rows = run_ours(a.steps, out / "ours")[WARMUP:]
+    ours = [r["timing_s/step"] for r in rows]
     p = subprocess.run([sys.executable, __file__, "--only", "trl", "--steps", str(a.steps)], capture_output=True,
                        text=True, check=True, cwd=ROOT)
     trl = json.loads(p.stdout.strip().splitlines()[-1])[WARMUP:]
     mo, mt = statistics.median(ours), statistics.median(trl)
     table = (f"| implementation | median step (s) | steps timed |\n|---|---|---|\n"
              f"| tandem kdrl.py (GRPO) | {mo:.3f} | {len(ours)} |\n| TRL GRPOTrainer | {mt:.3f} | {len(trl)} |\n\n"
-             f"TRL / tandem = {mt / mo:.2f}x")
+             f"TRL / tandem = {mt / mo:.2f}x\n\nwhere tandem's step goes (median s): " +
+             ", ".join(f"{k} {statistics.median(r[f'timing_s/{k}'] for r in rows):.3f}"
+                       for k in ("rollout", "reward", "update", "sync")))
     (out / "table.md").write_text(table + "\n")
     print(table)
 
