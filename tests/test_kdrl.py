@@ -2,6 +2,7 @@
 and clear errors on bad input."""
 
 import json
+import os
 import time
 
 import pytest
@@ -150,6 +151,11 @@ def test_resume_from_a_truncated_or_mismatched_checkpoint_names_the_problem(tmp_
                "--output-dir", str(run))
     ck = run / "checkpoints" / "step_1"
     assert ck.exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (run / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not 0600
+    cfg = json.loads((run / "config.json").read_text())
+    assert "git_dirty" in cfg  # whether the checkout had uncommitted changes (None outside a git checkout)
     p = run_script("kdrl.py", "--preset", "tiny", "--total-steps", "3", "--resume", str(run), "--model", "tiny:large",
                    "--prompts-per-step", "4", "--group-size", "4", check=False)
     assert p.returncode != 0 and f"checkpoint {ck} cannot be loaded into this run" in p.stderr, p.stderr[-2000:]
