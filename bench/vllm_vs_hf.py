@@ -61,7 +61,8 @@ def main() -> None:
         r = res[e]
         print(f"| {e} | {r['rollout_tokens_per_s']:.0f} | {r['rollout_s']:.3f} | {r['sync_s']:.3f} | {r['step_s']:.3f} "
               f"| {r['startup_and_final_eval_s']:.1f} |")
-    print(f"vLLM / HF: rollout {res['vllm_speedup_rollout']:.2f}x faster, whole step {res['vllm_speedup_step']:.2f}x")
+    print(f"HF time / vLLM time: rollout {res['vllm_speedup_rollout']:.2f}, whole step {res['vllm_speedup_step']:.2f} "
+          f"(above 1: vLLM is faster)")
 
 
 if __name__ == "__main__":
