@@ -11,7 +11,7 @@ both models score those rollouts with their pre-update weights (π_S_old, π_L_o
   (5) large: J_L = token-mean w · min(ρ Â^L, clip(ρ) Â^L),  ρ = π_L/π_L_old,  Â^L from acc + fmt only
 
 The paper's full text was not available: equations (1)-(5) are our numbering of a reconstruction from its abstract
-and third-party citations of its appendix (../shared/research/papers_codistill_s2l.md §1). Reconstructions:
+and third-party citations of its appendix. Reconstructions:
   1. The KD reward is the sequence mean of the clamped log-ratio, added to the task reward before group
      normalisation (the "combined accuracy + KD score"); --kd-level token adds λ·d_i,t to the advantage instead.
      λ (--kd-coef) and c (--kd-clip) are not published: 0.1 and 5.
@@ -83,6 +83,7 @@ class Args:
     preset: str = arg("paper", "bundle of defaults: paper | 1gpu | tiny (CPU toy world); explicit flags win")
     output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
     resume: str = arg("", "continue a run: its directory (latest checkpoint) or a checkpoints/step_N folder")
+    overwrite: bool = arg(False, "empty an --output-dir that holds a run (otherwise such a directory is refused)")
     seed: int = arg(0, "seed for model init, data order and rollouts")
     # --- policy and data -------------------------------------------------------------------------------
     model: str = arg("Qwen/Qwen2.5-Math-1.5B", "small model (trained; generates the rollouts): hub name, folder, "
@@ -451,7 +452,8 @@ def main(args: Args) -> None:
         m = batch.mask_BT
         meter.set({"reward/mean": acc_B.mean(), "reward/format": fmt_B.mean(), "reward/kd": s_kd_PG.mean(),
                    "reward/total": (acc_PG + fmt_PG + args.kd_coef * s_kd_PG).mean(),
-                   "reward/frac_zero_std": ((acc_PG + fmt_PG).std(1) == 0).float().mean(), "kd/coef": args.kd_coef})
+                   "reward/frac_zero_std": ((acc_PG + fmt_PG).std(1) == 0).float().mean(), "kd/coef": args.kd_coef,
+                   "reward/grader_failures": grader.take_failures()})
         if logp_L_old_BT is not None:
             raw_BT = (logp_L_old_BT - logp_S_old_BT) * m
             meter.tokens({"kl/large": -raw_BT, "kd/clamped_frac": (raw_BT.abs() > args.kd_clip).float() * m})

@@ -21,7 +21,7 @@ Baselines at matched total steps (--mode), with T = --total-steps optimizer step
     static_opd   the K = 2 experts (T steps each), then the student (--static-student) learns
                  from the other, frozen, by pure OPD on the teacher's data for one extra stage  K·T + T_opd updates
 
-Reconstructions of what the paper leaves open (../shared/research/papers_copd.md, ../shared/PAPERS.md):
+Reconstructions of what the paper leaves open:
   1. Text branches: math (Polaris-53K, math-verify) and code (KodCode-Light-RL-10K: the last ```python block is run
      against the problem's pytest file in a sandbox, verifiers.CodeVerifier); Qwen3-4B-Instruct-2507 for the paper's
      Qwen3-VL-4B-Instruct; 256 prompts × 8, lr 1e-6 constant, T 1.0, max 16,384 response tokens in training.
@@ -67,6 +67,7 @@ class Args:
     preset: str = arg("paper", "bundle of defaults: paper | 1gpu | tiny (CPU toy world); explicit flags win")
     output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
     resume: str = arg("", "continue a run: its directory (latest checkpoint) or a checkpoints/step_N folder")
+    overwrite: bool = arg(False, "empty an --output-dir that holds a run (otherwise such a directory is refused)")
     seed: int = arg(0, "seed for model init, data order and rollouts")
     # --- policy and data (one value for every branch, or one per branch) --------------------------------
     model: str = arg("Qwen/Qwen3-4B-Instruct-2507", "base model π_0 every branch starts from: hub name, folder, tiny:*")
@@ -489,7 +490,8 @@ def main(args: Args) -> None:
         students = [args.static_student] if phase == "static" else list(range(cfg.n_models))
         for opt in opts:
             lr = runtime.set_lr(opt, step, args.lr, args.lr_warmup_steps)
-        meter.set({"phase": {"rl": 0.0, "opd": 1.0, "static": 2.0}[phase], "lr": lr})
+        meter.set({"phase": {"rl": 0.0, "opd": 1.0, "static": 2.0}[phase], "lr": lr,
+                   "reward/grader_failures": verify["math"].take_failures()})
 
         # --- rollout: every student samples its batch parts with its own weights; rewards graded in the background
         with meter.time("rollout"):

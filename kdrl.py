@@ -19,7 +19,7 @@ Flags that give the paper's baselines and ablations:
     --kd-mask none|incorrect|group_all_wrong   KD on every response / only on wrong ones (KDRL-Masking) /
                                      only in groups with no correct response
 
-Reconstructions of details the paper leaves open (see ../shared/PAPERS.md):
+Reconstructions of details the paper leaves open:
   1. Data DeepScaleR-Preview (40K), G = 8, 128 prompts per step, lr 1e-6, max response 8192, T = 1.0 in training;
      280 steps and the models are the paper's. The paper's exact data, batch and sampling are not published.
   2. The KD term is aggregated like the policy term (token-mean over the global batch); the mask zeroes the KD
@@ -59,6 +59,7 @@ class Args:
     preset: str = arg("paper", "bundle of defaults: paper | 1gpu | tiny (CPU toy world); explicit flags win")
     output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
     resume: str = arg("", "continue a run: its directory (latest checkpoint) or a checkpoints/step_N folder")
+    overwrite: bool = arg(False, "empty an --output-dir that holds a run (otherwise such a directory is refused)")
     seed: int = arg(0, "seed for model init, data order and rollouts")
     # --- policy and data -------------------------------------------------------------------------------
     model: str = arg("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "student (trained): hub name, folder, tiny:small")
@@ -297,7 +298,7 @@ def main(args: Args) -> None:
 
         # --- log
         meter.set({"reward/mean": correct_B.mean(), "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean(),
-                   "lr": lr})
+                   "lr": lr, "reward/grader_failures": grader.take_failures()})
         if teacher is not None:
             meter.set({"kd/coef": beta, "kd/mask_frac": kdm_B.mean()})
         metrics = meter.read(batch.mask_BT.sum()) | ro.stats()

@@ -131,16 +131,84 @@ def usage_error(message: str):
     sys.exit(2)
 
 
+# What a resumed run may change: how it is run, evaluated, saved and logged, and for how long; not what it computes.
+RESUMABLE = {"resume", "output_dir", "overwrite", "total_steps", "eval_every", "save_every", "keep_checkpoints",
+             "log_samples", "rollout", "rollout_batch_size", "vllm_gpu_memory_utilization", "vllm_sleep_level",
+             "vllm_kv_cache_gib", "grader_workers", "grader_timeout", "code_workers", "logprob_chunk",
+             "grad_checkpointing"}
+
+
+def saved_args(resume: str) -> dict | None:
+    """The arguments a run was started with (its config.json), for `--resume` of its directory or of a
+    checkpoints/step_N folder in it; None where there is no config.json."""
+    p = Path(resume)
+    for run in (p, p.parent.parent):
+        if (run / "config.json").exists():
+            return json.loads((run / "config.json").read_text())["args"]
+    return None
+
+
+def load_config(path: str) -> dict:
+    """Arguments to replay: a run's config.json (its "args"), or a JSON or YAML mapping of field names to values."""
+    p = Path(path)
+    if not p.is_file():
+        usage_error(f"--config {path}: no such file (give a run's config.json, or a .json/.yaml of arguments)")
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+        cfg = yaml.safe_load(p.read_text())
+    else:
+        cfg = json.loads(p.read_text())
+    cfg = cfg.get("args", cfg) if isinstance(cfg, dict) else cfg
+    if not isinstance(cfg, dict):
+        usage_error(f"--config {path}: expected a mapping of argument names to values")
+    return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
+def drop_flag(argv: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` / `name=VALUE` (a flag the pre-parser handles)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def explicit_fields(cls, argv: list[str]) -> set[str]:
+    """The fields the command line sets itself (`--name`, `--name=value`, `--no_name`)."""
+    fields, out = {f.name for f in dataclasses.fields(cls)}, set()
+    for a in argv:
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            out.add(name[3:] if name.startswith("no_") and name[3:] in fields else name)
+    return out & fields
+
+
 def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None, check=None, models=None,
                per_step=PER_STEP):
-    """Parse `cls` from the command line. `--preset NAME` applies that bundle of defaults; explicit flags win. Then
-    `validate_args` (with the script's `check`, `models` and `per_step`); a bad argument exits with one line, code 2."""
+    """Parse `cls` from the command line. `--preset NAME` applies that bundle of defaults; explicit flags win. With
+    `--resume RUN`, the run's own arguments (RUN/config.json) are the defaults instead, and an explicit flag that
+    would change what the run computes is refused. `--config FILE` replays a run (its config.json, or a JSON/YAML
+    mapping of arguments) as a new run: its arguments are the defaults, explicit flags win. Then `validate_args` (with the script's `check`, `models` and
+    `per_step`); a bad argument exits with one line, code 2."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="paper")
-    preset = pre.parse_known_args(argv)[0].preset
+    pre.add_argument("--resume", default="")
+    pre.add_argument("--config", default="")
+    known, argv = pre.parse_known_args(argv)[0], drop_flag(argv, "--config")
+    saved = saved_args(known.resume) if known.resume else None
+    replay = load_config(known.config) if known.config else None
+    if replay and saved:
+        usage_error("--config and --resume together: --resume already restores the run's own arguments")
+    saved_or_replay = saved or replay
+    preset = saved_or_replay.get("preset", known.preset) if saved_or_replay and "--preset" not in argv \
+        else known.preset
     if preset not in presets:
         usage_error(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
     parser = HfArgumentParser(cls)
@@ -149,10 +217,23 @@ def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None, che
     if bad:
         raise RuntimeError(f"preset {preset!r} sets unknown fields {sorted(bad)}")
     parser.set_defaults(**presets[preset])
+    if saved:  # where it lives now (it may have moved) comes from --resume, not from the saved --output-dir
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in fields} | {"output_dir": ""})
+    if replay:  # a replay is a new run: its own directory, no checkpoint to continue
+        unknown = sorted(set(replay) - fields - {"preset"})
+        if unknown:
+            usage_error(f"--config {known.config} sets {', '.join(unknown)}, which this script does not have")
+        parser.set_defaults(**{k: v for k, v in replay.items() if k in fields} | {"output_dir": "", "resume": ""})
     args, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
     try:
         if rest:
             raise ValueError(unknown_flag_message(cls, rest))
+        for name in sorted(explicit_fields(cls, argv) - RESUMABLE) if saved else ():
+            if name in saved and getattr(args, name) != saved[name]:
+                raise ValueError(f"{flag(name)} {getattr(args, name)!r} differs from the resumed run's "
+                                 f"{saved[name]!r} (its config.json): a resumed run continues what it was computing. "
+                                 f"Drop the flag, or start a new run (another --output-dir) from its checkpoint's "
+                                 f"weights; what a resume may change: {', '.join(flag(n) for n in sorted(RESUMABLE))}")
         validate_args(args, check, models, per_step)
     except ValueError as e:
         usage_error(str(e))
@@ -244,12 +325,23 @@ def finish() -> None:
 def start(args, script: str, run_dir: str = ""):
     """Process group, seeds, the checkpoint to resume from (if any) and the run directory: `run_dir` if given (a
     script whose run directory holds several checkpoints of its own, e.g. one per stage), else --output-dir, else the
-    resumed run's, else a new one."""
+    resumed run's, else a new one. A directory that already holds a run is only reused by --resume, or emptied
+    with --overwrite: a fresh run there would mix its logs with the old ones and leave the old checkpoints for a
+    later --resume to pick up."""
     d = init_distributed()
     seed_everything(args.seed)
-    ckpt = find_checkpoint(args.resume) if args.resume and not run_dir else None
+    resume = getattr(args, "resume", "")  # evaluate.py has nothing to resume
+    ckpt = find_checkpoint(resume) if resume and not run_dir else None
     out = Path(run_dir or args.output_dir) if run_dir or args.output_dir else ckpt.parent.parent if ckpt else \
         default_output_dir(script, args.preset, d)
+    if not resume:
+        held = broadcast_object(d.main and any((out / n).exists() for n in ("metrics.jsonl", "checkpoints")), d)
+        if held and not getattr(args, "overwrite", False):
+            raise SystemExit(f"--output-dir {out} already holds a run: continue it with --resume {out}, choose "
+                             f"another --output-dir, or add --overwrite to delete it first")
+        if held and d.main:
+            shutil.rmtree(out)
+        barrier()
     return d, out, ckpt
 
 
@@ -656,7 +748,8 @@ def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args
     elif kind == "vllm":
         # Dropping the last reference to a vLLM engine shuts it down, and with it the process group: the list
         # keeps every engine alive until `finish` closes them all.
-        max_len = args.max_prompt_tokens + max(args.max_new_tokens, getattr(args, "eval_max_new_tokens", 0))
+        budget = max(getattr(args, "max_new_tokens", 0), getattr(args, "eval_max_new_tokens", 0))
+        max_len = args.max_prompt_tokens + budget
         engine = VLLMEngine(model_path, d, stops, vocab, args.seed + d.rank, max_len, args.vllm_gpu_memory_utilization,
                             args.vllm_sleep_level, args.vllm_kv_cache_gib)
     else:
@@ -871,12 +964,17 @@ class RunLog:
         if d.main:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg = {"args": dataclasses.asdict(args), "world_size": d.world, **versions()}
-            (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+            # a resumed run keeps the config.json it started with and records this invocation beside it
+            name = f"config.resumed_at_step_{start_step}.json" if start_step and (out_dir / "config.json").exists() \
+                else "config.json"
+            (out_dir / name).write_text(json.dumps(cfg, indent=2))
             for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
                 _truncate_after(out_dir / name, start_step)  # a resumed run rewrites what followed its checkpoint
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc=out_dir.name, dynamic_ncols=True,
                             disable=not sys.stderr.isatty() and os.environ.get("TANDEM_PROGRESS") != "1")
+        # without a terminal (nohup, a scheduler's log) a one-line summary every tenth of the run instead of a bar
+        self.total, self.every = total_steps, max(1, total_steps // 10)
 
     def _append(self, name: str, row: dict) -> None:
         if self.d.main:
@@ -885,9 +983,14 @@ class RunLog:
 
     def metrics(self, step: int, m: dict, show: tuple[str, ...] = ()) -> None:
         self._append("metrics.jsonl", {"step": step, **m})
+        shown = {k: f"{m[k]:.3g}" for k in show if k in m}
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k.split("/")[-1] if k.count("/") else k: f"{m[k]:.3g}" for k in show if k in m})
+            self.bar.set_postfix(shown)
+            if self.bar.disable and (step % self.every == 0 or step == self.total):
+                speed = f"  {m['timing_s/step']:.2f}s/step" if "timing_s/step" in m else ""
+                print(f"[step {step}/{self.total}] " + "  ".join(f"{k}={v}" for k, v in shown.items()) + speed,
+                      flush=True)
         self._check_finite(step, m)
 
     def _check_finite(self, step: int, m: dict) -> None:
@@ -942,9 +1045,10 @@ def plot_curves(run_dir: Path, keys: tuple[str, ...]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines() if x] \
-        if (run_dir / "eval.jsonl").exists() else []
+    def read(name: str) -> list[dict]:  # an evaluation-only run (--total-steps 0, evaluate.py) has no metrics
+        return [json.loads(x) for x in (run_dir / name).read_text().splitlines() if x] \
+            if (run_dir / name).exists() else []
+    rows, evals = read("metrics.jsonl"), read("eval.jsonl")
     keys = [k for k in keys if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(3.2 * (len(keys) + 1), 2.8), squeeze=False)
     for ax, k in zip(axes[0], keys):

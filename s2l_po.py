@@ -25,7 +25,7 @@ Flags for the paper's baseline and ablations, and the released code's variants:
                                        early config of the code)
     --bank-only                        build the explorer bank and exit (the first of two runs with vLLM)
 
-Reconstructions and deviations (evidence: ../shared/research/papers_codistill_s2l.md §2):
+Reconstructions and deviations (evidence: the paper and its released training scripts):
   1. Mixed groups by default (the paper); the released scripts alternate single-source steps instead, and
      --group-mode alternating reproduces them (a logical step there makes two updates, on two prompt batches).
   2. T_mix = 1, where the formula divides by zero, is one explorer-only step and then GRPO.
@@ -89,6 +89,7 @@ class Args:
     preset: str = arg("paper", "bundle of defaults: paper | 1gpu | tiny (CPU toy world); explicit flags win")
     output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
     resume: str = arg("", "continue a run: its directory (latest checkpoint) or a checkpoints/step_N folder")
+    overwrite: bool = arg(False, "empty an --output-dir that holds a run (otherwise such a directory is refused)")
     seed: int = arg(0, "seed for model init, data order, rollouts and the explorer bank")
     # --- policy and data -------------------------------------------------------------------------------
     model: str = arg("Qwen/Qwen3-8B-Base", "learner (trained): hub name, folder, tiny:base")
@@ -560,7 +561,8 @@ def main(args: Args) -> None:
         # --- log: the step's updates merged (alternating mode makes two), sequence-weighted where it matters
         meter.set({"reward/mean": torch.cat([p[1] for p in parts]).mean(),
                    "explorer/share": torch.cat([p[3] for p in parts]).mean(),
-                   "explorer/alpha": explorer_share(step, args), "lr": lr})
+                   "explorer/alpha": explorer_share(step, args), "lr": lr,
+                   "reward/grader_failures": grader.take_failures()})
         metrics = merge_updates([p[0] for p in parts]) | meter.read()  # the step's timings and totals
         metrics["timing_s/update"] -= metrics.get("timing_s/ref", 0.0)
         metrics["perf/tokens_per_s"] = sum(p[2].num_tokens for p in parts) / metrics["timing_s/step"]

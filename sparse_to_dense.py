@@ -24,7 +24,7 @@ The paper's ablations are stage subsets, one command each:
     --stages 1,2a,3                 no on-policy distillation    --stages 3 --stage3-data all   cold GRPO
     --stage3-data replay            the matched replay control for S3
 
-Reconstructions of details the paper leaves open (see ../shared/PAPERS.md):
+Reconstructions of details the paper leaves open:
   1. S1/S3 follow the authors' GRPO script: clip 0.2/0.28, dual clip c = 10 on negative advantages, token-mean,
      no KL or entropy term, 512 prompts × 8, PPO mini-batches of 128 prompts (4 updates per rollout batch), lr 1e-6,
      weight decay 0.1, grad clip 1.0, T = 1. S2b follows the authors' OPD trainer: 256 prompts × 1 rollout, one
@@ -85,6 +85,7 @@ class Args:
     output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
     resume: str = arg("", "continue a run: its directory (completed stages and latest checkpoint) or a "
                           "checkpoints/step_N folder")
+    overwrite: bool = arg(False, "empty an --output-dir that holds a run (otherwise such a directory is refused)")
     seed: int = arg(0, "seed for model init, data order and rollouts")
     # --- policy and data -------------------------------------------------------------------------------
     model: str = arg("Qwen/Qwen3-1.7B", "student (trained in 2a, 2b, 3): hub name, folder (e.g. another run's "
@@ -467,7 +468,7 @@ def main(args: Args) -> None:
                     distill_update(stage, model, teacher, opt, batch, engine_logp_BT, vocab, args, meter)
 
             # --- log
-            meter.set({"reward/mean": correct_B.mean(), "lr": lr_now})
+            meter.set({"reward/mean": correct_B.mean(), "lr": lr_now, "reward/grader_failures": grader.take_failures()})
             metrics = meter.read(batch.mask_BT.sum()) | ro.stats()
             metrics["timing_s/update"] -= metrics.get("timing_s/teacher", 0.0)
             metrics["perf/tokens_per_s"] = ro.num_tokens / metrics["timing_s/step"]

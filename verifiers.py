@@ -100,6 +100,8 @@ class Grader:
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], float] = {}
         self.killed = 0  # answers that hit the time limit (a metric worth watching)
+        self.lost = 0    # answers whose worker died under them (killed from outside, out of memory): scored 0
+        self._reported = 0
 
     def _proc(self, w: int) -> subprocess.Popen:
         if self._procs[w] is None or self._procs[w].poll() is not None:
@@ -117,6 +119,13 @@ class Grader:
     def close(self) -> None:
         for w in range(self.n):
             self._kill(w)
+
+    def take_failures(self) -> int:
+        """Answers scored 0 because grading failed (time limit or a dead worker) since the last call: a step's
+        `reward/grader_failures`. The run goes on; a dead worker is replaced for the next answer."""
+        total = self.killed + self.lost
+        new, self._reported = total - self._reported, total
+        return new
 
     def __call__(self, completions: list[str], golds: list[str]) -> list[float]:
         preds = [extract_answer(c, self.mode) for c in completions]
@@ -149,6 +158,7 @@ class Grader:
                         busy[w] = (i, time.monotonic() + self.timeout_s)
                     except OSError:  # the worker died under us: treat the answer as unverifiable
                         self._kill(w)
+                        self.lost += 1
                         scores[i] = 0.0
             if not busy:
                 continue
@@ -161,8 +171,9 @@ class Grader:
                     scores[i] = 1.0 if line.strip() == "1" else 0.0
                     if line:
                         self._cache[(preds[i], golds[i])] = scores[i]
-                    else:
+                    else:  # the worker died mid-answer: the answer scores 0, uncached, and a new worker takes over
                         self._kill(w)
+                        self.lost += 1
                     del busy[w]
                 elif time.monotonic() >= deadline:
                     self._kill(w)

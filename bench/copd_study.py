@@ -54,7 +54,7 @@ def run_all(study: Path, seeds: list[int], jobs: int, extra: list[str]) -> None:
             c, s = todo.pop(0)
             out = study / f"{c}-s{s}"
             cmd = [sys.executable, str(ROOT / "copd.py"), "--preset", "tiny", "--save-every", "0", *CONFIGS[c], *extra,
-                   "--seed", str(s), "--output-dir", str(out)]
+                   "--seed", str(s), "--output-dir", str(out), "--overwrite"]
             out.mkdir(parents=True, exist_ok=True)
             log = open(out / "stdout.txt", "w")
             running.append((c, s, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),

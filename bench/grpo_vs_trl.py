@@ -63,7 +63,7 @@ def run_trl(steps: int, out: Path) -> list[float]:
 def run_ours(steps: int, out: Path) -> list[float]:
     cmd = [sys.executable, str(ROOT / "kdrl.py"), "--preset", "tiny", "--kd-coef", "0", "--teacher", "none",
            "--total-steps", str(steps), "--eval-every", "0", "--save-every", "0", "--eval-limit", "8",
-           "--micro-batch-size", str(P * G), "--output-dir", str(out)]
+           "--micro-batch-size", str(P * G), "--output-dir", str(out), "--overwrite"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
 

@@ -46,7 +46,7 @@ def mean_acc(res: dict) -> float:
 def run(name: str, seed: int, flags: list[str], common: list[str]) -> dict:
     out = OUT / f"{name.split(' (')[0].replace(' ', '_').replace('+', 'plus')}-s{seed}"
     cmd = [sys.executable, str(ROOT / "sparse_to_dense.py"), *common, *flags, "--seed", str(seed),
-           "--output-dir", str(out)]
+           "--output-dir", str(out), "--overwrite"]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if p.returncode:

@@ -68,7 +68,7 @@ def main() -> None:
             launch = [sys.executable] if not a.nproc else \
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
             cmd = [*launch, str(ROOT / a.script), *common_args, *shlex.split(flags), "--seed", str(seed),
-                   "--output-dir", str(run)]
+                   "--output-dir", str(run), "--overwrite"]
             t0 = time.time()
             done = run / "final" / "config.json"
             if done.exists() and (run / "cmd.txt").exists() and (run / "cmd.txt").read_text() == shlex.join(cmd):

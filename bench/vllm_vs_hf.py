@@ -24,7 +24,7 @@ def run(engine: str, steps: int, out: Path) -> tuple[list[dict], float]:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "kdrl.py"), "--preset", "tiny", "--rollout", engine, "--total-steps",
                     str(steps), "--eval-every", "0", "--eval-limit", "1", "--eval-samples", "1", "--save-every", "0",
-                    "--output-dir", str(out)], check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                    "--output-dir", str(out), "--overwrite"], check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
                    stdout=subprocess.DEVNULL)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     return rows, time.perf_counter() - t0

@@ -3,6 +3,9 @@ and clear errors on bad input."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 import common
 import kdrl
 import runtime
-from conftest import finite, read_jsonl, run_script, stop_after, without_timing
+from conftest import ROOT, finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--eval-every", "2", "--save-every", "2", "--eval-limit", "16",
          "--eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4")
@@ -146,9 +149,10 @@ def test_resume_from_a_truncated_or_mismatched_checkpoint_names_the_problem(tmp_
     """A truncated shard, or a checkpoint of another model shape, fails with one message naming the checkpoint; the
     raw torch error used to escape (CheckpointException derives from BaseException, past `except Exception`)."""
     run = tmp_path / "run"
-    run_script("kdrl.py", "--preset", "tiny", "--total-steps", "2", "--eval-every", "0", "--eval-limit", "4",
-               "--eval-samples", "1", "--prompts-per-step", "4", "--group-size", "4", "--save-every", "1",
-               "--output-dir", str(run))
+    p = run_script("kdrl.py", "--preset", "tiny", "--total-steps", "2", "--eval-every", "0", "--eval-limit", "4",
+                   "--eval-samples", "1", "--prompts-per-step", "4", "--group-size", "4", "--save-every", "1",
+                   "--output-dir", str(run))
+    assert "[step 2/2] reward/mean=" in p.stdout  # no terminal: one-line progress instead of a bar
     ck = run / "checkpoints" / "step_1"
     assert ck.exists()
     mask = os.umask(0)
@@ -165,6 +169,88 @@ def test_resume_from_a_truncated_or_mismatched_checkpoint_names_the_problem(tmp_
                    "4", "--group-size", "4", check=False)
     assert p.returncode != 0 and f"checkpoint {ck} cannot be loaded into this run" in p.stderr, p.stderr[-2000:]
     assert shard.name in p.stderr
+
+
+def test_resume_restores_the_run_and_a_used_output_dir_is_refused(tmp_path, warm):
+    """`--resume RUN` alone continues RUN with its own arguments (it used to fall back to the paper's 7B preset),
+    keeps its config.json, and refuses a flag that would change what it computes; a new run into a directory that
+    holds one is refused unless --overwrite empties it first."""
+    run = tmp_path / "run"
+    args = ("--preset", "tiny", "--total-steps", "2", "--eval-every", "0", "--eval-limit", "4", "--eval-samples", "1",
+            "--prompts-per-step", "4", "--group-size", "4", "--save-every", "1")
+    run_script("kdrl.py", *args, "--output-dir", str(run))
+    original = (run / "config.json").read_text()
+    run_script("kdrl.py", "--resume", str(run), "--total-steps", "3")  # no --preset: the run's own arguments
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    assert (run / "config.json").read_text() == original
+    resumed = json.loads((run / "config.resumed_at_step_1.json").read_text())["args"]
+    assert resumed["preset"] == "tiny" and resumed["total_steps"] == 3 and resumed["model"] == "tiny:small"
+    p = run_script("kdrl.py", "--resume", str(run), "--lr", "1e-3", check=False)
+    assert p.returncode == 2 and "--lr 0.001 differs from the resumed run's 0.0001" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = run_script("kdrl.py", *args, "--output-dir", str(run), check=False)
+    assert p.returncode != 0 and f"--output-dir {run} already holds a run" in p.stderr
+    run_script("kdrl.py", *args, "--output-dir", str(run), "--overwrite", "--total-steps", "1")
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+    assert not (run / "checkpoints" / "step_1").exists() and not (run / "config.resumed_at_step_1.json").exists()
+
+
+def test_a_run_killed_while_it_writes_a_checkpoint_resumes_from_the_previous_one(tmp_path, warm):
+    """SIGKILL while the step-4 checkpoint is being written (the shim holds the write open): the half-written
+    checkpoint is never taken for a complete one, and --resume continues from step 2 with the same later metrics
+    as a run that was never killed."""
+    args = ("--preset", "tiny", "--total-steps", "6", "--save-every", "2", "--eval-every", "0", "--eval-limit", "4",
+            "--eval-samples", "1", "--prompts-per-step", "4", "--group-size", "4", "--keep-checkpoints", "3")
+    run_script("kdrl.py", *args, "--output-dir", str(tmp_path / "full"))
+    shim = ("import runpy, sys, time\n"
+            "import torch.distributed.checkpoint as dcp\n"
+            "save, n = dcp.save, [0]\n"
+            "def slow_second_save(*a, **k):\n"
+            "    n[0] += 1\n"
+            "    out = save(*a, **k)\n"
+            "    if n[0] == 2:\n"
+            "        print('WRITING-CHECKPOINT', flush=True); time.sleep(600)\n"
+            "    return out\n"
+            "dcp.save = slow_second_save\n"
+            "sys.argv = ['kdrl.py', *sys.argv[1:]]\n"
+            "runpy.run_path('kdrl.py', run_name='__main__')\n")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-u", "-c", shim, *args, "--output-dir", str(killed)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:  # bounded: the run ends on its own (and the test fails below) if the shim never blocks
+            if "WRITING-CHECKPOINT" in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = killed / "checkpoints"
+    assert (ckpts / "step_2").exists() and not (ckpts / "step_4").exists() and (ckpts / ".step_4.tmp").exists()
+    run_script("kdrl.py", "--resume", str(killed))
+    full, resumed = read_jsonl(tmp_path / "full" / "metrics.jsonl"), read_jsonl(killed / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [without_timing(r) for r in resumed] == [without_timing(r) for r in full]
+
+
+def test_config_replays_a_run(tmp_path, warm):
+    """`--config RUN/config.json` restores every argument of RUN for a new run (explicit flags win): the replay logs
+    the same metrics; a YAML file of arguments works the same way."""
+    args = ("--preset", "tiny", "--total-steps", "2", "--eval-every", "0", "--eval-limit", "4", "--eval-samples", "1",
+            "--prompts-per-step", "4", "--group-size", "4", "--save-every", "0", "--lr", "3e-4", "--kd-mask",
+            "incorrect", "--seed", "3")
+    run_script("kdrl.py", *args, "--output-dir", str(tmp_path / "a"))
+    run_script("kdrl.py", "--config", str(tmp_path / "a" / "config.json"), "--output-dir", str(tmp_path / "b"))
+    a, b = (read_jsonl(tmp_path / x / "metrics.jsonl") for x in "ab")
+    assert [without_timing(r) for r in a] == [without_timing(r) for r in b]
+    cfg_b = json.loads((tmp_path / "b" / "config.json").read_text())["args"]
+    assert cfg_b["lr"] == 3e-4 and cfg_b["kd_mask"] == "incorrect" and cfg_b["seed"] == 3
+    (tmp_path / "c.yaml").write_text("preset: tiny\ntotal_steps: 1\nlr: 0.0003\nprompts_per_step: 4\ngroup_size: 4\n"
+                                     "eval_every: 0\neval_limit: 4\neval_samples: 1\nsave_every: 0\n")
+    run_script("kdrl.py", "--config", str(tmp_path / "c.yaml"), "--seed", "5", "--output-dir", str(tmp_path / "c"))
+    cfg_c = json.loads((tmp_path / "c" / "config.json").read_text())["args"]
+    assert cfg_c["lr"] == 3e-4 and cfg_c["seed"] == 5 and cfg_c["total_steps"] == 1  # the explicit --seed wins
 
 
 def test_tiny_preset_learns(tmp_path, warm):

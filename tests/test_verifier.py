@@ -107,3 +107,24 @@ def test_every_benchmark_gold_grades_correct_against_itself(path, grader):
     got = grader([f"So the answer is $\\boxed{{{g}}}$." for g in golds], golds)
     wrong = [g for g, s in zip(golds, got) if s != 1.0]
     assert not wrong, f"{len(wrong)} of {len(golds)} golds not graded correct: {wrong[:5]}"
+
+
+def test_a_worker_killed_mid_answer_scores_zero_is_counted_and_grading_goes_on(monkeypatch):
+    """A grader worker that dies while it grades (killed from outside, out of memory) costs that answer only: it
+    scores 0 and is counted in take_failures(), and a new worker grades the rest."""
+    monkeypatch.setattr(verifiers, "_WORKER", (
+        "import json, os, signal, sys\n"
+        "for line in sys.stdin:\n"
+        "    pred, gold, t = json.loads(line)\n"
+        "    if pred == '666':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    sys.stdout.write('1\\n' if float(pred) == float(gold) else '0\\n'); sys.stdout.flush()\n"))
+    g = verifiers.Grader(workers=1, timeout_s=5.0)
+    try:
+        # "2.0" vs "2" are not equal strings, so every answer goes to the worker
+        scores = g(["\\boxed{2.0}", "\\boxed{666}", "\\boxed{3.0}", "\\boxed{4.5}"], ["2", "1", "3", "4"])
+        assert scores == [1.0, 0.0, 1.0, 0.0]
+        assert g.take_failures() == 1 and g.take_failures() == 0
+        assert g(["\\boxed{5.0}"], ["5"]) == [1.0]  # the replacement worker keeps grading
+    finally:
+        g.close()

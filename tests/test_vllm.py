@@ -125,3 +125,10 @@ def test_sparse_to_dense_vllm_per_stage(tmp_path, warm):
     run_script("sparse_to_dense.py", *q, "--stages", "2b,3", "--steps-2b", "1", "--steps-3", "2",
                "--teacher", str(t / "stage_1"), "--model", str(t / "stage_2a"), "--output-dir", str(s))
     assert max(logp_gaps(t) + logp_gaps(s)) < MATCH
+
+
+def test_evaluate_vllm(tmp_path, warm):
+    run_script("evaluate.py", "--preset", "tiny", "--rollout", "vllm", "--eval-limit", "8", "--eval-samples", "2",
+               "--vllm-kv-cache-gib", "0.25", "--model", "tiny:large", "--output-dir", str(tmp_path / "ev"))
+    ev = read_jsonl(tmp_path / "ev" / "eval.jsonl")
+    assert {r["benchmark"] for r in ev} == {"tiny_add", "tiny_mul", "tiny_lin"} and all(finite(r) for r in ev)
