@@ -3,6 +3,7 @@ and clear errors on bad input."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,9 +161,12 @@ def test_resume_from_a_truncated_or_mismatched_checkpoint_names_the_problem(tmp_
     assert (run / "final" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not 0600
     cfg = json.loads((run / "config.json").read_text())
     assert "git_dirty" in cfg  # whether the checkout had uncommitted changes (None outside a git checkout)
-    p = run_script("kdrl.py", "--preset", "tiny", "--total-steps", "3", "--resume", str(run), "--model", "tiny:large",
-                   "--prompts-per-step", "4", "--group-size", "4", check=False)
-    assert p.returncode != 0 and f"checkpoint {ck} cannot be loaded into this run" in p.stderr, p.stderr[-2000:]
+    # the checkpoint alone (no config.json to restore the run's arguments from), loaded into the large model
+    other = tmp_path / "other" / "checkpoints" / "step_1"
+    shutil.copytree(ck, other)
+    p = run_script("kdrl.py", "--preset", "tiny", "--total-steps", "3", "--resume", str(other.parent.parent),
+                   "--model", "tiny:large", "--prompts-per-step", "4", "--group-size", "4", check=False)
+    assert p.returncode != 0 and f"checkpoint {other} cannot be loaded into this run" in p.stderr, p.stderr[-2000:]
     shard = next(ck.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # as a full disk or a killed copy leaves it
     p = run_script("kdrl.py", "--preset", "tiny", "--total-steps", "3", "--resume", str(run), "--prompts-per-step",
