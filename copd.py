@@ -35,6 +35,8 @@ Reconstructions of what the paper leaves open:
      top_k(q)| / k; both on 1 sample from each branch for --diag-prompts prompts of every dataset.
   7. Evaluation: math avg@4 at T 0.7, top-p 0.8, top-k 20 (the authors' validation settings) on MATH-500, AIME 24/25,
      Minerva; code pass rate on a held-out slice of the code data (--code-heldout), same sampling.
+  8. With --num-minibatches M > 1 (the paper makes one update per batch), optimizer step u takes the u-th 1/M of
+     both the native and the cross part, so every step sees both signals.
 Deviations: none in the objective. One rollout engine serves every branch: each branch's weights are pushed into it
 before its rollouts (one vLLM engine per process: each would reserve its own memory), so a step costs K weight pushes.
 Tiny preset: the base is tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the
