@@ -490,12 +490,6 @@ def load_model(path: str, d: Dist, *, trainable: bool, vocab: int, grad_ckpt: bo
     return model
 
 
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Clip the (sharded) gradients to a global norm; returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
-
-
 def full_params(model):
     """(name, full tensor) for every parameter of an FSDP2 model, one all-gather at a time: every rank must
     iterate, in the same order; the peak is one parameter, never the whole model."""
