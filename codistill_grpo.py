@@ -65,10 +65,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+import cli
 import common
+import engines
 import runtime
 import verifiers
-from runtime import arg
+from cli import arg
 
 R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
            "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
@@ -137,6 +139,7 @@ class Args:
     save_every: int = arg(100, "checkpoint every N steps (0 = never)")
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
     log_samples: int = arg(2, "rollouts per rank written to samples.jsonl each step")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also log metrics, evaluations and the config to W&B or TensorBoard")
     grader_workers: int = arg(2, "math-verify worker processes per rank")
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- CoDistill-GRPO ------------------------------------------------------------------------------------
@@ -295,7 +298,17 @@ def large_model_batch(batch, old_L_BT, old_S_BT, reward_B, acc_B, own, old_own_B
                       merge_groups(old_S_BT, old_own_BT, G_small, G_own), from_small_B.to(b.ids_BT.device), *mixed)
 
 
-def task_rewards(grader, ro: runtime.Rollouts, args: Args):
+def large_metrics(meter, L: LargeBatch, w_BT, is_cut: float) -> None:
+    """The large model's accuracy on its batch, and its importance weights over the small model's tokens (Eq. 4)."""
+    meter.set({"large/reward/mean": L.acc_B.mean()})
+    if w_BT is not None:
+        small_BT = L.batch.mask_BT * L.from_small_B[:, None]
+        meter.set({"large/is/weight_mean": (w_BT * small_BT).sum().double() / small_BT.sum().double(),
+                   "large/is/truncated_frac": is_cut})
+        meter.max({"large/is/weight_max/max": w_BT * small_BT})
+
+
+def task_rewards(grader, ro: engines.Rollouts, args: Args):
     """acc_i (verifier, 0/1) and fmt_i (per-tag format reward) of each rollout: the reward both models share."""
     tags = tuple(t.strip() for t in args.format_tags.split(",") if t.strip())
     acc_B = torch.tensor(grader(ro.texts, ro.answers))
@@ -336,10 +349,10 @@ def main(args: Args) -> None:
     runtime.check_same_tokenizer(tok, runtime.load_tokenizer(large_path), "--model", "--large-model")
     small = runtime.load_model(small_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     large = runtime.load_model(large_path, d, trainable=args.train_large, vocab=vocab, grad_ckpt=args.grad_checkpointing)
-    engine = runtime.make_engine(args.rollout, small_path, d, tok, vocab, args)
+    engine = engines.make_engine(args.rollout, small_path, d, tok, vocab, args)
     # One vLLM engine per process (each reserves its own memory), and the two models differ in shape: the large
     # model samples with HF
-    large_engine = runtime.make_engine("hf", large_path, d, tok, vocab, args) if G_own or args.eval_large else None
+    large_engine = engines.make_engine("hf", large_path, d, tok, vocab, args) if G_own or args.eval_large else None
     opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     opt_L = torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay) \
         if args.train_large else None
@@ -350,8 +363,8 @@ def main(args: Args) -> None:
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
-    train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    train_sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    eval_sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     start = 0
     if ckpt:
         state = runtime.load_checkpoint(ckpt, models, opts, d)
@@ -362,10 +375,10 @@ def main(args: Args) -> None:
               f"large model: {'trained' if args.train_large else 'frozen'}, samples {G_own}/{G} of each group")
     if args.rollout == "vllm" and large_engine is not None:
         log.print("[codistill] the large model generates with the HF engine (one vLLM engine per process)")
-    runtime.sync_weights(small, engine)
+    engines.sync_weights(small, engine)
 
     def sync_large(step: int) -> None:  # the large model's engine is synced only when it samples, once per step
-        runtime.sync_weights(large, large_engine, tag=step if args.train_large else "frozen")
+        engines.sync_weights(large, large_engine, tag=step if args.train_large else "frozen")
 
     def run_eval(step: int) -> None:
         for name, eng in (("", engine), ("large", large_engine)):
@@ -373,7 +386,7 @@ def main(args: Args) -> None:
                 if not args.eval_large or (not args.train_large and getattr(large_engine, "holds", None)):
                     continue  # a frozen large model is evaluated once
                 sync_large(step)
-            res = runtime.evaluate(eng, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
+            res = engines.evaluate(eng, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
                                    [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens, args.chat_template)
             log.eval(step, res, name)
 
@@ -386,13 +399,13 @@ def main(args: Args) -> None:
 
         # --- rollout: G completions per prompt from the small model only (the large model's saving)
         with meter.time("rollout"):
-            ro = runtime.rollout(engine, tok, problems, G, args.prompt_template, args.max_prompt_tokens, train_sampling,
+            ro = engines.rollout(engine, tok, problems, G, args.prompt_template, args.max_prompt_tokens, train_sampling,
                                  runtime.rollout_seed(args.seed, step, d.rank), args.chat_template)
             engine.sleep()  # free the GPU for scoring and the updates (vLLM); the weight sync below wakes it
         if G_own:  # --large-rollout-frac > 0: the large model samples G_own of each group itself
             with meter.time("large_rollout"):
                 sync_large(step)
-                ro_L = runtime.rollout(large_engine, tok, problems, G_own, args.prompt_template,
+                ro_L = engines.rollout(large_engine, tok, problems, G_own, args.prompt_template,
                                        args.max_prompt_tokens, train_sampling,
                                        runtime.rollout_seed(args.seed, step, d.rank, salt=1), args.chat_template)
 
@@ -419,21 +432,17 @@ def main(args: Args) -> None:
             kd_logratio(logp_L_old_BT, logp_S_old_BT, batch.mask_BT, args.kd_clip)
         adv_BT, s_kd_PG = small_advantages(acc_PG, fmt_PG, d_BT, batch.mask_BT, args)
 
-        # --- the large model's batch: the small model's rollouts (CoDistill), its own, or a mixed group
+        # --- the large model's batch: the small model's rollouts (CoDistill), its own, or a mixed group; Eq. 4
         if args.train_large:
             with meter.time("large_batch"):
-                own = old_own_BT = None
-                if G_own:
-                    own = ro_L.batch(tok.pad_token_id, d.device)
-                    old_own_BT = score(large, own, vocab, args) if G_small or multi else None
+                own = ro_L.batch(tok.pad_token_id, d.device) if G_own else None
+                old_own_BT = score(large, own, vocab, args) if G_own and (G_small or multi) else None
                 L = large_model_batch(batch, logp_L_old_BT, logp_S_old_BT, acc_B + fmt_B, acc_B, own, old_own_BT,
                                       acc_own_B + fmt_own_B if G_own else None, acc_own_B if G_own else None,
                                       G_small, G_own, tok.pad_token_id)
                 adv_L_B = common.group_advantages(L.reward_B.view(-1, G), args.adv_scale).view(-1).to(d.device)
-                w_BT, is_cut = None, 0.0
-                if G_small:
-                    w_BT, is_cut = large_is_weights(L.old_logp_BT, L.behav_logp_BT, L.batch.mask_BT, L.from_small_B,
-                                                    G, args)
+                w_BT, is_cut = large_is_weights(L.old_logp_BT, L.behav_logp_BT, L.batch.mask_BT, L.from_small_B, G,
+                                                args) if G_small else (None, 0.0)
 
         # --- update: each model one PPO-clip step on the shared rollouts (Eq. 3, 5)
         with meter.time("update"):
@@ -446,30 +455,23 @@ def main(args: Args) -> None:
 
         # --- weight sync: the small model's rollout engine gets its new weights
         with meter.time("sync"):
-            runtime.sync_weights(small, engine)
+            engines.sync_weights(small, engine)
 
         # --- log
         m = batch.mask_BT
         meter.set({"reward/mean": acc_B.mean(), "reward/format": fmt_B.mean(), "reward/kd": s_kd_PG.mean(),
                    "reward/total": (acc_PG + fmt_PG + args.kd_coef * s_kd_PG).mean(),
                    "reward/frac_zero_std": ((acc_PG + fmt_PG).std(1) == 0).float().mean(), "kd/coef": args.kd_coef,
+                   "reward/frac_all_wrong": (acc_PG.sum(1) == 0).float().mean(),
                    "reward/grader_failures": grader.take_failures()})
         if logp_L_old_BT is not None:
             raw_BT = (logp_L_old_BT - logp_S_old_BT) * m
             meter.tokens({"kl/large": -raw_BT, "kd/clamped_frac": (raw_BT.abs() > args.kd_clip).float() * m})
         if args.train_large:
-            meter.set({"large/reward/mean": L.acc_B.mean()})
-            if w_BT is not None:
-                small_BT = L.batch.mask_BT * L.from_small_B[:, None]
-                meter.set({"large/is/weight_mean": (w_BT * small_BT).sum().double() / small_BT.sum().double(),
-                           "large/is/truncated_frac": is_cut})
-                meter.max({"large/is/weight_max/max": w_BT * small_BT})
-        metrics = meter.read(m.sum()) | {f"small/{k}": v for k, v in stats_S.items()}
-        metrics |= ro.stats()
+            large_metrics(meter, L, w_BT, is_cut)
+        metrics = meter.read(m.sum()) | {f"small/{k}": v for k, v in stats_S.items()} | ro.stats()
         if args.train_large:
-            metrics |= {f"large/{k}": v for k, v in stats_L.items()}
-            if G_own:
-                metrics |= {f"large/{k}": v for k, v in ro_L.stats().items()}
+            metrics |= {f"large/{k}": v for k, v in (stats_L | (ro_L.stats() if G_own else {})).items()}
         # the large model's share of the step: what standard GRPO for it would cost, on whichever rollouts it uses
         metrics["timing_s/large_step"] = sum(metrics.get(f"timing_s/{k}", 0.0) for k in (
             "large_rollout", "large_batch", "large_update", *(("large_logp",) if large_on_small else ())))
@@ -497,4 +499,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS, check=check_args))
+    main(cli.parse_args(Args, PRESETS, check=check_args))

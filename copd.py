@@ -57,10 +57,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+import cli
 import common
+import engines
 import runtime
 import verifiers
-from runtime import arg
+from cli import arg
 
 
 @dataclass
@@ -127,6 +129,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps (0 = never)")
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
     log_samples: int = arg(2, "rollouts per rank and branch written to samples.jsonl each step")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also log metrics, evaluations and the config to W&B or TensorBoard")
     grader_workers: int = arg(2, "math-verify worker processes per rank")
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- CoPD --------------------------------------------------------------------------------------------
@@ -204,7 +207,7 @@ class Part:
     """One part of a branch's batch this step: native rows (group advantage, Eq. rlvr) or cross rows (Eq. delta)."""
     kind: str                                    # "native" or "cross"
     teacher: int                                 # the dataset's branch: for a cross part, the one that scores it
-    ro: runtime.Rollouts
+    ro: engines.Rollouts
     batch: common.Batch
     reward: Future | None = None                 # native: the verifier's scores, graded in the background
     correct_B: torch.Tensor | None = None        # native: 1.0 where the verifier accepted the response
@@ -398,8 +401,8 @@ def diagnose(branches, engine, tok, rows: list, pairs: list, steps_done: int, cf
     (one per prompt) of the first --diag-prompts prompts of every dataset; means over every rank's positions."""
     seqs = {}
     for a in sorted({x for p in pairs for x in p}):
-        runtime.sync_weights(branches[a], engine, tag=a)
-        seqs[a] = [runtime.rollout(engine, tok, rows[j][d.rank:args.diag_prompts:d.world], 1, cfg.prompt_template[j],
+        engines.sync_weights(branches[a], engine, tag=a)
+        seqs[a] = [engines.rollout(engine, tok, rows[j][d.rank:args.diag_prompts:d.world], 1, cfg.prompt_template[j],
                                    args.max_prompt_tokens, sampling,
                                    runtime.rollout_seed(args.seed, steps_done, d.rank, salt=500 + 10 * a + j))
                    for j in range(cfg.K)]
@@ -442,7 +445,7 @@ def main(args: Args) -> None:
     vocab = len(tok)
     branches = [runtime.load_model(base_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
                 for _ in range(cfg.n_models)]
-    engine = runtime.make_engine(args.rollout, base_path, d, tok, vocab, args)  # one engine, weights pushed per branch
+    engine = engines.make_engine(args.rollout, base_path, d, tok, vocab, args)  # one engine, weights pushed per branch
     opts = [torch.optim.AdamW(b.parameters(), lr=args.lr, weight_decay=args.weight_decay) for b in branches]
     verify = {"math": verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)}
     if "code" in cfg.verifiers:
@@ -450,8 +453,8 @@ def main(args: Args) -> None:
         if d.main:
             print(f"[copd] code sandbox: {verify['code'].isolation}", flush=True)
     rows, benches, code_benches, streams = load_data(args, cfg, d)
-    train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    train_sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    eval_sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     names = {f"branch{k}": b for k, b in enumerate(branches)}
     start = 0
     if ckpt:
@@ -465,7 +468,7 @@ def main(args: Args) -> None:
     pool = ThreadPoolExecutor(1)  # rewards of one branch's rollouts are graded while the next branch rolls out
 
     def push(k: int) -> None:  # branch k into the one engine, unless it holds it (every use ends with rest())
-        runtime.sync_weights(branches[k], engine, tag=k)
+        engines.sync_weights(branches[k], engine, tag=k)
 
     def rest() -> None:
         engine.sleep()  # free the GPU for scoring and updates (vLLM); a level-2 sleep discards the pushed weights
@@ -475,11 +478,11 @@ def main(args: Args) -> None:
     def run_eval(step: int, k: int, tag: str = "") -> None:
         push(k)
         ks = [1, 4, 8, 16, 32]
-        res = runtime.evaluate(engine, tok, benches, verify["math"], math_template, args.eval_samples, eval_sampling,
+        res = engines.evaluate(engine, tok, benches, verify["math"], math_template, args.eval_samples, eval_sampling,
                                ks, d, args.seed, args.max_prompt_tokens)
         if code_benches:
             code_k = cfg.verifiers.index("code")
-            res |= runtime.evaluate(engine, tok, code_benches, verify["code"], cfg.prompt_template[code_k],
+            res |= engines.evaluate(engine, tok, code_benches, verify["code"], cfg.prompt_template[code_k],
                                     args.eval_samples, eval_sampling, ks, d, args.seed, args.max_prompt_tokens)
         rest()
         log.eval(step, res, tag)
@@ -502,7 +505,7 @@ def main(args: Args) -> None:
                 push(k)
                 for i, (kind, j, n) in enumerate(batch_plan(k, phase, cfg.K, args)):
                     probs = take(streams[f"own{j}" if kind == "native" else f"cross{k}_{j}"], n)
-                    ro = runtime.rollout(engine, tok, probs, args.group_size, cfg.prompt_template[j],
+                    ro = engines.rollout(engine, tok, probs, args.group_size, cfg.prompt_template[j],
                                          args.max_prompt_tokens, train_sampling,
                                          runtime.rollout_seed(args.seed, step, d.rank, salt=1 + 16 * k + i))
                     of_B = [x for x in ro.problems for _ in range(args.group_size)]  # each response's problem
@@ -574,4 +577,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     # plan() checks each batch's prompt counts against the world size itself (--prompts-per-step is split per dataset)
-    main(runtime.parse_args(Args, PRESETS, check=lambda a: plan(a, runtime.world_size()), per_step=()))
+    main(cli.parse_args(Args, PRESETS, check=lambda a: plan(a, cli.world_size()), per_step=()))

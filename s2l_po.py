@@ -63,24 +63,21 @@ Run:
 """
 
 import dataclasses
-import fcntl
-import gc
-import hashlib
-import json
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+import cli
 import common
+import engines
 import runtime
 import verifiers
-from runtime import arg
+from cli import arg
 
 
 @dataclass
@@ -143,6 +140,7 @@ class Args:
     save_every: int = arg(4, "checkpoint every N steps (0 = never)")
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
     log_samples: int = arg(2, "rollouts per rank written to samples.jsonl each step")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also log metrics, evaluations and the config to W&B or TensorBoard")
     grader_workers: int = arg(2, "math-verify worker processes per rank")
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- S2L-PO ------------------------------------------------------------------------------------------
@@ -227,69 +225,8 @@ def s2l_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, isw_BT, mask_BT, norm, ar
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The explorer bank: the frozen explorer's rollouts, generated once, stored with the settings that made them
+# The explorer bank: the frozen explorer's rollouts, generated once (engines.CompletionBank stores them)
 # ----------------------------------------------------------------------------------------------------------
-def prompt_key(ids: list[int]) -> str:
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:24]
-
-
-def weights_fingerprint(path: str) -> str:
-    """sha256 over the explorer's config and weight files: a retrained explorer in the same folder is a new bank."""
-    folder = Path(path)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-        folder = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    h = hashlib.sha256()
-    for f in sorted(folder.iterdir()):
-        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-    return h.hexdigest()[:24]
-
-
-def bank_root(args: Args) -> Path:
-    if args.bank_dir:
-        return Path(args.bank_dir)
-    return Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem")) / "s2l_banks"
-
-
-class ExplorerBank:
-    """`n` explorer completions per prompt in <root>/<hash of settings>/: manifest.json (the settings; which shard
-    holds which prompt) and shards of flat tensors (token ids, the explorer's sampling log-probs, finished flags),
-    memory-mapped. Prompts are keyed by their token ids, so a new template or dataset simply finds them missing."""
-
-    def __init__(self, root: Path, settings: dict):
-        self.settings = settings
-        self.dir = root / hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        self.reload()
-
-    def manifest(self) -> dict:
-        path = self.dir / "manifest.json"
-        return json.loads(path.read_text()) if path.exists() else {"settings": self.settings, "shards": []}
-
-    def reload(self) -> None:
-        self.shards = [torch.load(self.dir / s, weights_only=True, mmap=True) for s in self.manifest()["shards"]]
-        self.index = {k: (i, j) for i, s in enumerate(self.shards) for j, k in enumerate(s["keys"])}
-
-    def draw(self, key: str, k: int, rng: random.Random) -> list[runtime.Completion]:
-        """k of the prompt's n completions, without replacement (with replacement only when k > n)."""
-        if key not in self.index:
-            raise KeyError(f"prompt {key} is not in the explorer bank {self.dir}: the bank and the run disagree on "
-                           f"data or template; delete that folder to rebuild it")
-        i, j = self.index[key]
-        s = self.shards[i]
-        n = s["n"]
-        picks = rng.sample(range(n), k) if k <= n else [rng.randrange(n) for _ in range(k)]
-        out = []
-        for p in picks:
-            a, b = s["offsets"][j * n + p].item(), s["offsets"][j * n + p + 1].item()
-            out.append(runtime.Completion(s["tokens"][a:b].tolist(), s["logprobs"][a:b].tolist(),
-                                          bool(s["finished"][j * n + p])))
-        return out
-
-
 def bank_problems(rows: list[dict], args: Args) -> list[dict]:
     """The problems the explorer steps will draw: the data order is fixed by the seed, so replay it."""
     stream = common.PromptStream(rows, args.prompts_per_step, 0, 1, args.seed)
@@ -302,70 +239,33 @@ def bank_problems(rows: list[dict], args: Args) -> list[dict]:
     return list(need.values())
 
 
-def ensure_bank(args: Args, d, tok, vocab: int, rows: list[dict], explorer_path: str, log) -> ExplorerBank:
-    """The run's explorer bank, generating the prompts it lacks (sharded over ranks) under a lock, so that runs
-    started together build it once."""
-    sampling = runtime.Sampling(args.max_new_tokens, args.bank_temperature, args.bank_top_p, args.bank_top_k)
-    settings = {"explorer": args.explorer, "weights": weights_fingerprint(explorer_path) if d.main else None,
-                "n": args.bank_samples, "sampling": dataclasses.asdict(sampling), "seed": args.seed, "format": 1}
-    settings["weights"] = runtime.broadcast_object(settings["weights"], d)
-    bank = ExplorerBank(bank_root(args), settings)
-    prompts = {}
-    for r in bank_problems(rows, args):
-        ids = common.encode_prompt(tok, r["problem"], args.prompt_template, args.max_prompt_tokens)
-        prompts[prompt_key(ids)] = ids
-    lock = None
-    if d.main:
-        bank.dir.mkdir(parents=True, exist_ok=True)
-        lock = open(bank.dir / ".lock", "w")
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    runtime.barrier()
-    bank.reload()
-    missing = sorted(k for k in prompts if k not in bank.index)
-    if missing and args.rollout == "vllm" and not args.bank_only:
-        raise RuntimeError(f"the explorer bank lacks {len(missing)} of this run's {len(prompts)} prompts, and with "
-                           f"--rollout vllm this process's one vLLM engine is the learner's: build the bank first "
-                           f"with the same flags plus --bank-only (e.g. torchrun ... s2l_po.py <flags> --bank-only)")
-    if missing:
-        log(f"[s2l] explorer bank {bank.dir}: generating {len(missing)} prompts x {args.bank_samples} "
-            f"({len(prompts) - len(missing)} already there)")
-        explorer = runtime.load_model(explorer_path, d, trainable=False, vocab=vocab)
-        eng = runtime.make_engine(args.rollout, explorer_path, d, tok, vocab, args)
-        runtime.sync_weights(explorer, eng)
-        del explorer
-        tag = runtime.broadcast_object(f"{len(bank.shards):04d}-{time.strftime('%Y%m%d%H%M%S')}", d)
-        mine = missing[d.rank::d.world]
-        keys, toks, lps, fin, offsets = [], [], [], [], [0]
-        for c0 in range(0, len(mine), 256):  # chunks bound the memory held as Python lists
-            chunk = mine[c0:c0 + 256]
-            seed = runtime.rollout_seed(args.seed, c0 // 256, d.rank, salt=77 + len(bank.shards))
-            for key, group in zip(chunk, eng.generate([prompts[k] for k in chunk], args.bank_samples, sampling, seed)):
-                keys.append(key)
-                for c in group:
-                    toks.append(torch.tensor(c.token_ids, dtype=torch.int32))
-                    lps.append(torch.tensor(c.logprobs, dtype=torch.float32))
-                    fin.append(c.finished)
-                    offsets.append(offsets[-1] + len(c.token_ids))
-            log(f"[s2l] explorer bank: {min(c0 + 256, len(mine))}/{len(mine)} prompts on rank {d.rank}")
-        shard = {"keys": keys, "n": args.bank_samples, "offsets": torch.tensor(offsets, dtype=torch.int64),
-                 "tokens": torch.cat(toks) if toks else torch.zeros(0, dtype=torch.int32),
-                 "logprobs": torch.cat(lps) if lps else torch.zeros(0), "finished": torch.tensor(fin, dtype=torch.bool)}
-        name = f"shard-{tag}-r{d.rank}.pt"
-        torch.save(shard, bank.dir / f".{name}.tmp")
-        os.replace(bank.dir / f".{name}.tmp", bank.dir / name)
-        del eng
-        gc.collect()
-        runtime.barrier()
-        if d.main:  # the manifest names a shard only once it is complete: a crash leaves the old bank intact
-            man = bank.manifest()
-            man["shards"] += [f"shard-{tag}-r{r}.pt" for r in range(d.world)]
-            man["engine"] = args.rollout
-            (bank.dir / "manifest.tmp").write_text(json.dumps(man, indent=1))
-            os.replace(bank.dir / "manifest.tmp", bank.dir / "manifest.json")
-        runtime.barrier()
-        bank.reload()
-    if lock is not None:
-        lock.close()
+def ensure_bank(args: Args, d, tok, vocab: int, rows: list[dict], explorer_path: str, log) -> engines.CompletionBank:
+    """The run's explorer bank, with the completions of every problem the explorer steps draw; the missing ones are
+    generated by the explorer (sharded over ranks) under the bank's lock, so that runs started together build it
+    once. The bank's folder is named by the settings that made it, the explorer's weights included."""
+    sampling = engines.Sampling(args.max_new_tokens, args.bank_temperature, args.bank_top_p, args.bank_top_k)
+    fingerprint = runtime.broadcast_object(engines.weights_fingerprint(explorer_path) if d.main else None, d)
+    settings = {"explorer": args.explorer, "weights": fingerprint, "n": args.bank_samples,
+                "sampling": dataclasses.asdict(sampling), "seed": args.seed, "format": 1}
+    root = Path(args.bank_dir) if args.bank_dir else \
+        Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem")) / "s2l_banks"
+    prompts = [common.encode_prompt(tok, r["problem"], args.prompt_template, args.max_prompt_tokens)
+               for r in bank_problems(rows, args)]
+    with engines.CompletionBank.locked(root, settings, d) as bank:
+        missing = bank.missing(prompts)
+        if missing and args.rollout == "vllm" and not args.bank_only:
+            raise RuntimeError(f"the explorer bank lacks {len(missing)} of this run's {len(prompts)} prompts, and "
+                               f"with --rollout vllm this process's one vLLM engine is the learner's: build the bank "
+                               f"first with the same flags plus --bank-only (e.g. torchrun ... s2l_po.py <flags> "
+                               f"--bank-only)")
+        if missing:
+            log(f"[s2l] explorer bank {bank.dir}: generating {len(missing)} prompts x {args.bank_samples} "
+                f"({len(prompts) - len(missing)} already there)")
+            explorer = runtime.load_model(explorer_path, d, trainable=False, vocab=vocab)
+            eng = engines.make_engine(args.rollout, explorer_path, d, tok, vocab, args)
+            engines.sync_weights(explorer, eng)
+            del explorer
+            bank.add(missing, eng, sampling, args.seed, d, log=lambda msg: log(f"[s2l] explorer bank: {msg}"))
     return bank
 
 
@@ -378,11 +278,11 @@ def mixed_rollouts(engine, bank, tok, problems, g_w: int, g_s: int, sampling, ar
     comps = []
     for p, ids in enumerate(prompts):
         if g_w:  # the draw depends on (seed, step, prompt) only: the same on any world size and after --resume
-            comps += bank.draw(prompt_key(ids), g_w, random.Random(f"{args.seed}|{step}|{sub}|{prompt_key(ids)}"))
+            comps += bank.draw(ids, g_w, random.Random(f"{args.seed}|{step}|{sub}|{engines.prompt_key(ids)}"))
         comps += learner[p] if g_s else []
     texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
     G = g_w + g_s
-    ro = runtime.Rollouts(problems, [p for p in prompts for _ in range(G)], comps, texts, G)
+    ro = engines.Rollouts(problems, [p for p in prompts for _ in range(G)], comps, texts, G)
     source_B = torch.tensor(([1.0] * g_w + [0.0] * g_s) * len(problems))
     return ro, source_B
 
@@ -454,13 +354,13 @@ def main(args: Args) -> None:
             return
     learner = runtime.load_model(learner_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     ref = runtime.load_model(learner_path, d, trainable=False, vocab=vocab) if args.kl_coef > 0 else None
-    engine = runtime.make_engine(args.rollout, learner_path, d, tok, vocab, args)
+    engine = engines.make_engine(args.rollout, learner_path, d, tok, vocab, args)
     opt = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
-    train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    train_sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    eval_sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     start = 0
     if ckpt:
         state = runtime.load_checkpoint(ckpt, {"learner": learner}, {"learner": opt}, d)
@@ -469,10 +369,10 @@ def main(args: Args) -> None:
     log = runtime.RunLog(out, d, args, start, args.total_steps)
     log.print(f"[s2l] {out}  world={d.world}  device={d.device.type}  steps {start}->{args.total_steps}  "
               f"explorer {'bank ' + str(bank.dir) if bank else 'none (GRPO)'}")
-    runtime.sync_weights(learner, engine)
+    engines.sync_weights(learner, engine)
 
     def run_eval(step: int, tag: str = "") -> None:
-        res = runtime.evaluate(engine, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
+        res = engines.evaluate(engine, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
                                [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens)
         log.eval(step, res, tag)
 
@@ -545,7 +445,7 @@ def main(args: Args) -> None:
 
         # --- weight sync: the rollout engine gets the new weights, one parameter at a time
         with meter.time("sync"):
-            runtime.sync_weights(learner, engine)
+            engines.sync_weights(learner, engine)
 
         # --- this update's metrics, per source where the two differ
         source_metrics(part, correct_B, correct_PG, adv_B, source_B, batch.mask_BT.sum(1).cpu())
@@ -588,4 +488,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS, check=check_args, models=model_fields))
+    main(cli.parse_args(Args, PRESETS, check=check_args, models=model_fields))

@@ -72,10 +72,12 @@ from typing import Literal
 
 import torch
 
+import cli
 import common
+import engines
 import runtime
 import verifiers
-from runtime import arg
+from cli import arg
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every N steps of a stage (0 = never; stage outputs are always saved)")
     keep_checkpoints: int = arg(2, "checkpoints kept on disk")
     log_samples: int = arg(2, "rollouts per rank written to samples.jsonl each step")
+    report_to: Literal["none", "wandb", "tensorboard"] = arg("none", "also log metrics, evaluations and the config to W&B or TensorBoard")
     grader_workers: int = arg(2, "math-verify worker processes per rank")
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- Sparse-to-Dense -------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def check_args(args: Args) -> tuple[list[str], dict[str, int]]:
     steps = {"1": args.steps_1, "2a": args.steps_2a, "2b": args.steps_2b, "3": args.steps_3}
     if any(steps[s] < 1 for s in stages):
         raise ValueError("every stage in --stages needs --steps-<s> >= 1; leave a stage out to skip it")
-    world = runtime.world_size()
+    world = cli.world_size()
     for s in stages:
         name, n = ("--prompts-per-step", args.prompts_per_step) if s in GRPO_STAGES else \
             ("--distill-prompts-per-step", args.distill_prompts_per_step)
@@ -346,11 +349,25 @@ def stage_data(args: Args) -> dict[str, list[dict]]:
             "3": {"heldout": heldout, "replay": upstream, "all": rows}[args.stage3_data]}
 
 
+def stage_roles(stages: list[str]) -> set[str]:
+    """The roles these stages load: the one each stage trains, and the teacher wherever it is distilled (2a, 2b)."""
+    return {TRAINS[s] for s in stages} | ({"teacher"} if {"2a", "2b"} & set(stages) else set())
+
+
+def stage_sources(args: Args, stages: list[str], out: Path) -> dict[str, dict[str, str]]:
+    """Where each stage's models start: the flags' models, or the output of the last earlier stage that trained
+    that role."""
+    sources, src = {"teacher": args.teacher, "student": args.model}, {}
+    for s in stages:
+        src[s] = dict(sources)
+        sources[TRAINS[s]] = str(out / f"stage_{s}")
+    return src
+
+
 def model_fields(args: Args) -> list[str]:
     """The model flags this run loads: --teacher where a stage trains or samples from it, --model where one trains
     the student."""
-    stages = parse_stages(args.stages)
-    roles = {TRAINS[s] for s in stages} | ({"teacher"} if {"2a", "2b"} & set(stages) else set())
+    roles = stage_roles(parse_stages(args.stages))
     return [f for r, f in (("teacher", "teacher"), ("student", "model")) if r in roles]
 
 
@@ -365,12 +382,7 @@ def main(args: Args) -> None:
     total = sum(steps[s] for s in stages)
 
     # --- models and data: each stage reads the previous output of the role it needs ----------------------
-    sources = {"teacher": args.teacher, "student": args.model}
-    src = {}  # stage -> {role: where its models start}
-    for s in stages:
-        src[s] = dict(sources)
-        sources[TRAINS[s]] = str(out / f"stage_{s}")
-    roles = {TRAINS[s] for s in stages} | ({"teacher"} if {"2a", "2b"} & set(stages) else set())
+    src, roles = stage_sources(args, stages, out), stage_roles(stages)  # src: stage -> {role: where it starts}
     paths = {r: runtime.resolve(p, d) for r, p in (("teacher", args.teacher), ("student", args.model)) if r in roles}
     toks = {r: runtime.load_tokenizer(p) for r, p in paths.items()}
     if len(toks) == 2:
@@ -382,17 +394,17 @@ def main(args: Args) -> None:
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     data = stage_data(args)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
-    train_sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    eval_sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
-    engines = {}
+    train_sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    eval_sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    by_role = {}
 
     def engine(role: str):
         """The role's rollout engine: vLLM for the role that generates in these stages (one per process), the HF
         sampler for the other, which only ever needs evaluation."""
-        if role not in engines:
+        if role not in by_role:
             kind = args.rollout if role == GENERATES[stages[0]] else "hf"
-            engines[role] = runtime.make_engine(kind, paths[role], d, toks[role], vocab, args)
-        return engines[role]
+            by_role[role] = engines.make_engine(kind, paths[role], d, toks[role], vocab, args)
+        return by_role[role]
 
     start = offset[stages[done]] if done < len(stages) else total
     if ckpt is not None:
@@ -402,8 +414,8 @@ def main(args: Args) -> None:
               f"steps {start}->{total}")
 
     def run_eval(model, role: str, step: int) -> dict:
-        runtime.sync_weights(model, engine(role))
-        res = runtime.evaluate(engine(role), tok, benches, grader, args.prompt_template, args.eval_samples,
+        engines.sync_weights(model, engine(role))
+        res = engines.evaluate(engine(role), tok, benches, grader, args.prompt_template, args.eval_samples,
                                eval_sampling, [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens)
         engine(role).sleep()  # free the GPU for training (vLLM); the next weight push wakes it
         log.eval(step, res, "teacher" if role == "teacher" else "")
@@ -445,11 +457,11 @@ def main(args: Args) -> None:
 
             # --- weight sync: the engine gets the sampling model's current weights (vLLM discards them in sleep)
             with meter.time("sync"):
-                runtime.sync_weights(gen_model, gen_engine)
+                engines.sync_weights(gen_model, gen_engine)
 
             # --- rollout: from the model that generates in this stage
             with meter.time("rollout"):
-                ro = runtime.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, args.max_prompt_tokens,
+                ro = engines.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, args.max_prompt_tokens,
                                      train_sampling, runtime.rollout_seed(args.seed, step, d.rank,
                                                                           salt=STAGES.index(stage) + 1))
                 gen_engine.sleep()  # free the GPU for the update (vLLM); the next weight push wakes it
@@ -515,4 +527,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS, check=check_args, models=model_fields, per_step=()))
+    main(cli.parse_args(Args, PRESETS, check=check_args, models=model_fields, per_step=()))

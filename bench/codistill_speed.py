@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import codistill_grpo as cd  # noqa: E402
+import cli  # noqa: E402
 import common  # noqa: E402
+import engines  # noqa: E402
 import runtime  # noqa: E402
 import verifiers  # noqa: E402
 
@@ -39,20 +41,20 @@ def run_seed(args: cd.Args, d, steps: int) -> dict[str, list[float]]:
     small = runtime.load_model(small_path, d, trainable=True, vocab=vocab)
     large_A = runtime.load_model(large_path, d, trainable=True, vocab=vocab)
     large_B = runtime.load_model(large_path, d, trainable=True, vocab=vocab)
-    engine = runtime.make_engine("hf", small_path, d, tok, vocab, args)
-    engine_B = runtime.make_engine("hf", large_path, d, tok, vocab, args)
+    engine = engines.make_engine("hf", small_path, d, tok, vocab, args)
+    engine_B = engines.make_engine("hf", large_path, d, tok, vocab, args)
     opt = torch.optim.AdamW(small.parameters(), lr=args.lr)
     opt_A, opt_B = (torch.optim.AdamW(m.parameters(), lr=args.large_lr) for m in (large_A, large_B))
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
-    sampling = runtime.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-    runtime.sync_weights(small, engine)
+    sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    engines.sync_weights(small, engine)
     times = {"small_rollout": [], "A_large_step": [], "B_large_step": [], "B_rollout": [], "A_tokens": [],
              "B_tokens": []}
 
     def rollout(eng, problems, step, salt):
-        return runtime.rollout(eng, tok, problems, G, args.prompt_template, args.max_prompt_tokens, sampling,
+        return engines.rollout(eng, tok, problems, G, args.prompt_template, args.max_prompt_tokens, sampling,
                                runtime.rollout_seed(args.seed, step, d.rank, salt), args.chat_template)
 
     for step in range(steps):
@@ -76,7 +78,7 @@ def run_seed(args: cd.Args, d, steps: int) -> dict[str, list[float]]:
 
         def phase_B():  # standard GRPO: the large model samples its own group and updates on it
             t0 = time.perf_counter()
-            runtime.sync_weights(large_B, engine_B)
+            engines.sync_weights(large_B, engine_B)
             ro_B = rollout(engine_B, problems, step, 1)
             out["B_rollout"] = time.perf_counter() - t0
             acc, fmt = cd.task_rewards(grader, ro_B, args)
@@ -90,18 +92,18 @@ def run_seed(args: cd.Args, d, steps: int) -> dict[str, list[float]]:
         d_BT = cd.kd_logratio(out["logp_L"], logp_S_BT, batch.mask_BT, args.kd_clip)
         adv_BT, _ = cd.small_advantages(acc_B.view(-1, G), fmt_B.view(-1, G), d_BT, batch.mask_BT, args)
         cd.ppo_update(small, opt, batch, adv_BT, None, None, args.lr, vocab, args)
-        runtime.sync_weights(small, engine)
+        engines.sync_weights(small, engine)
         if step > 0:
             for k, v in (("small_rollout", t_small), ("A_large_step", out["A"]), ("B_large_step", out["B"]),
                          ("B_rollout", out["B_rollout"]), ("A_tokens", ro.num_tokens), ("B_tokens", out["B_tokens"])):
                 times[k].append(v)
         print(f"  seed {args.seed} step {step}: A {out['A']:.2f}s  B {out['B']:.2f}s", flush=True)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
-    s = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    s = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
 
     def accuracy(model) -> float:  # through B's engine: one HF replica of the large model's shape is enough
-        runtime.sync_weights(model, engine_B)
-        res = runtime.evaluate(engine_B, tok, benches, grader, args.prompt_template, args.eval_samples, s, [1], d,
+        engines.sync_weights(model, engine_B)
+        res = engines.evaluate(engine_B, tok, benches, grader, args.prompt_template, args.eval_samples, s, [1], d,
                                args.seed, args.max_prompt_tokens, args.chat_template)
         return statistics.mean(next(v for k, v in r.items() if k.startswith("avg@")) for r in res.values())
 
@@ -122,7 +124,7 @@ def main() -> None:
     d = runtime.init_distributed()
     results = {}
     for seed in a.seeds:
-        args = runtime.parse_args(cd.Args, cd.PRESETS, script_args + ["--seed", str(seed)])
+        args = cli.parse_args(cd.Args, cd.PRESETS, script_args + ["--seed", str(seed)])
         t = run_seed(args, d, a.steps)
         results[seed] = {k: statistics.mean(v) for k, v in t.items()}
         results[seed]["ratio"] = statistics.mean(x / y for x, y in zip(t["A_large_step"], t["B_large_step"]))

@@ -23,11 +23,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import common  # noqa: E402
+import engines  # noqa: E402
 import runtime  # noqa: E402
 import s2l_po  # noqa: E402
 import verifiers  # noqa: E402
-from runtime import arg  # noqa: E402
+from cli import arg  # noqa: E402
 
 
 @dataclass
@@ -49,7 +51,7 @@ def passk_probe(args: Args, d, tok, vocab: int, out: Path, log) -> dict:
         raise ValueError("with --rollout vllm the probe samples one model per process (vLLM holds one): run it "
                          "twice into the same --output-dir, with --passk-models explorer, then learner")
     benches = common.load_benchmarks(args.passk_data or args.eval_data, args.eval_data_dir, args.eval_limit)
-    sampling = runtime.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
+    sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     path_json = out / "passk.json"
     res = json.loads(path_json.read_text()) if path_json.exists() else {"models": {}}
@@ -59,8 +61,8 @@ def passk_probe(args: Args, d, tok, vocab: int, out: Path, log) -> dict:
         path = runtime.resolve(name, d)
         runtime.check_same_tokenizer(tok, runtime.load_tokenizer(path), "--model", f"the {role}")
         model = runtime.load_model(path, d, trainable=False, vocab=vocab)
-        eng = runtime.make_engine(args.rollout, path, d, tok, vocab, args)
-        runtime.sync_weights(model, eng)
+        eng = engines.make_engine(args.rollout, path, d, tok, vocab, args)
+        engines.sync_weights(model, eng)
         del model
         curves = {}
         for bi, (bench, rows) in enumerate(benches.items()):
@@ -123,4 +125,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(runtime.parse_args(Args, PRESETS))
+    main(cli.parse_args(Args, PRESETS))

@@ -8,10 +8,13 @@ Every run writes to bench/out/<study>/<config>-s<seed>/; the table (markdown) an
 bench/out/<study>/. A finished run with the same command is reused, so an interrupted study resumes. The metric is
 each benchmark's avg@n at the last evaluated step, averaged over benchmarks (`mean`), next to the same model's step-0
 evaluation where the run logged one. `--tags "" large` adds a table for the eval rows a script tags (e.g. the second
-model that codistill_grpo.py evaluates).
+model that codistill_grpo.py evaluates). `--baseline NAME` adds the paired difference to that config (per seed, then
+mean ± std over seeds). `--metrics KEY ...` adds each key's mean over a run's logged steps (metrics.jsonl), e.g.
+reward/frac_zero_std to show a precondition. `--jobs N` runs N at once, each with cores/N threads.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shlex
@@ -42,8 +45,20 @@ def final_eval(run: Path, tag: str = "") -> tuple[dict, dict]:
     return acc(last), (acc(0) if any(r["step"] == 0 for r in rows) else {})
 
 
-def fmt(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+def run_metrics(run: Path, keys: list[str]) -> dict:
+    """Each key's mean over the run's logged steps (steps that did not log it are skipped)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r]
+        if vals:
+            out[k] = statistics.mean(vals)
+    return out
+
+
+def fmt(xs: list[float], signed: bool = False) -> str:
+    m = f"{statistics.mean(xs):+.3f}" if signed else f"{statistics.mean(xs):.3f}"
+    return f"{m} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else m
 
 
 def main() -> None:
@@ -57,10 +72,14 @@ def main() -> None:
     ap.add_argument("--name", default="")
     ap.add_argument("--nproc", type=int, default=0, help="run each under torchrun with this many ranks")
     ap.add_argument("--tags", nargs="+", default=[""], help="eval rows to tabulate: '' (untagged) and/or tags")
+    ap.add_argument("--baseline", default="", help="config to pair every other config with, seed by seed")
+    ap.add_argument("--metrics", nargs="+", default=[], help="metrics.jsonl keys to average over each run's steps")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores/jobs threads)")
     a = ap.parse_args(argv)
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, a.jobs))
     study = ROOT / "bench" / "out" / (a.name or Path(a.script).stem)
     study.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results, todo = {}, []
     for cfg in a.config:
         name, _, flags = cfg.partition("=")
         for seed in a.seeds:
@@ -69,39 +88,63 @@ def main() -> None:
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
             cmd = [*launch, str(ROOT / a.script), *common_args, *shlex.split(flags), "--seed", str(seed),
                    "--output-dir", str(run), "--overwrite"]
-            t0 = time.time()
-            done = run / "final" / "config.json"
-            if done.exists() and (run / "cmd.txt").exists() and (run / "cmd.txt").read_text() == shlex.join(cmd):
-                print(f"{name} seed {seed}: reusing the finished run in {run}", flush=True)  # resumable study
-            else:
-                p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                if p.returncode:
-                    sys.exit(f"{name} seed {seed} failed:\n{p.stderr[-4000:]}")
-                (run / "cmd.txt").write_text(shlex.join(cmd))
-                (run / "wall_s.txt").write_text(f"{time.time() - t0:.1f}")
-            wall = float((run / "wall_s.txt").read_text()) if (run / "wall_s.txt").exists() else float("nan")
-            for tag in a.tags:
-                last, first = final_eval(run, tag)
-                if last:
-                    results.setdefault(tag, {}).setdefault(name, []).append(
-                        {"seed": seed, "final": last, "start": first, "wall_s": wall})
-            last = final_eval(run, a.tags[0])[0]
-            print(f"{name} seed {seed}: " + " ".join(f"{k}={v:.3f}" for k, v in last.items() if ":" not in k) +
-                  f" ({wall:.0f}s)", flush=True)
+            todo.append((name, seed, run, cmd))
+
+    def execute(job) -> None:
+        name, seed, run, cmd = job
+        t0 = time.time()
+        done = run / "final" / "config.json"
+        if done.exists() and (run / "cmd.txt").exists() and (run / "cmd.txt").read_text() == shlex.join(cmd):
+            print(f"{name} seed {seed}: reusing the finished run in {run}", flush=True)  # resumable study
+            return
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads // max(1, a.nproc) or 1)}
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if p.returncode:
+            raise RuntimeError(f"{name} seed {seed} failed:\n{p.stderr[-4000:]}")
+        (run / "cmd.txt").write_text(shlex.join(cmd))
+        (run / "wall_s.txt").write_text(f"{time.time() - t0:.1f}")
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        for f in [pool.submit(execute, job) for job in todo]:
+            try:
+                f.result()
+            except RuntimeError as e:
+                sys.exit(str(e))
+    for name, seed, run, _ in todo:
+        wall = float((run / "wall_s.txt").read_text()) if (run / "wall_s.txt").exists() else float("nan")
+        extra = run_metrics(run, a.metrics)
+        for tag in a.tags:
+            last, first = final_eval(run, tag)
+            if last:
+                results.setdefault(tag, {}).setdefault(name, []).append(
+                    {"seed": seed, "final": last, "start": first, "wall_s": wall, "metrics": extra})
+        last = final_eval(run, a.tags[0])[0]
+        print(f"{name} seed {seed}: " + " ".join(f"{k}={v:.3f}" for k, v in last.items() if ":" not in k) +
+              f" ({wall:.0f}s)", flush=True)
     tables = []
     for tag, by_config in results.items():
         benches = sorted(k for k in next(iter(by_config.values()))[0]["final"] if ":" not in k)
+        paired = f" | Δ vs {a.baseline} (paired)" if a.baseline in by_config else ""
         lines = ([f"eval rows tagged `{tag}`:", ""] if tag else []) + [
-            "| config | " + " | ".join(benches) + " | mean | Δ vs step 0 | response length | wall s |",
-            "|---" * (len(benches) + 5) + "|"]
+            "| config | " + " | ".join(benches) + " | mean | Δ vs step 0" + paired + " | response length | " +
+            "".join(f"{k} | " for k in a.metrics) + "wall s |",
+            "|---" * (len(benches) + 5 + bool(paired) + len(a.metrics)) + "|"]
+
+        def mean_acc(r):
+            return statistics.mean(r["final"][b] for b in benches)
+
+        base = {r["seed"]: mean_acc(r) for r in by_config.get(a.baseline, [])}
         for name, runs in by_config.items():
-            means = [statistics.mean(r["final"][b] for b in benches) for r in runs]
+            means = [mean_acc(r) for r in runs]
             deltas = [m - statistics.mean(r["start"][b] for b in benches) for m, r in zip(means, runs) if r["start"]]
             length = [statistics.mean(r["final"][b + ":length"] for b in benches) for r in runs]
+            pair = [mean_acc(r) - base[r["seed"]] for r in runs if r["seed"] in base]
+            cell = "" if not paired else (" | -" if name == a.baseline or not pair else f" | {fmt(pair, signed=True)}")
+            extra = "".join(f"{fmt([r['metrics'][k] for r in runs if k in r['metrics']])} | "
+                            if any(k in r["metrics"] for r in runs) else "- | " for k in a.metrics)
             lines.append(f"| {name} | " + " | ".join(fmt([r["final"][b] for r in runs]) for b in benches) +
-                         f" | {fmt(means)} | {fmt(deltas) if deltas else '-'} | {statistics.mean(length):.1f} | "
-                         f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+                         f" | {fmt(means)} | {fmt(deltas, signed=True) if deltas else '-'}{cell} | "
+                         f"{statistics.mean(length):.1f} | {extra}{statistics.mean(r['wall_s'] for r in runs):.0f} |")
         tables.append("\n".join(lines))
     table = "\n\n".join(tables)
     if a.tags == [""]:

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
-import runtime  # noqa: E402
+import engines  # noqa: E402
 import tiny  # noqa: E402
 import verifiers  # noqa: E402
 
@@ -21,13 +21,13 @@ def describe(path: str, families: str = "add,mul,lin", n: int = 128, temperature
     """{family: {accuracy, worked_out}} of the model at `path`, sampled by the HF engine with a fixed seed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
-    eng = runtime.HFEngine(AutoModelForCausalLM.from_pretrained(path), [tok.eos_token_id], tok.pad_token_id, len(tok),
+    eng = engines.HFEngine(AutoModelForCausalLM.from_pretrained(path), [tok.eos_token_id], tok.pad_token_id, len(tok),
                            batch_size=256)
     out = {}
     for fam in families.split(","):
         rows = tiny.make_split(fam, "test", n, 0)
         prompts = [common.encode_prompt(tok, r["problem"], "{problem}") for r in rows]
-        groups = eng.generate(prompts, 4, runtime.Sampling(48, temperature=temperature), seed=0)
+        groups = eng.generate(prompts, 4, engines.Sampling(48, temperature=temperature), seed=0)
         texts = [(tok.decode(c.token_ids, skip_special_tokens=True), r["answer"])
                  for r, g in zip(rows, groups) for c in g]
         out[fam] = {"accuracy": sum(verifiers.last_boxed(t) == a for t, a in texts) / len(texts),

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import engines  # noqa: E402
 import runtime  # noqa: E402
 
 
@@ -60,9 +61,9 @@ def main(out: Path, reload: bool) -> None:
         gfull = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         torch.testing.assert_close(gfull, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
-    engine = runtime.HFEngine.replica(str(path), d, [1], 0, 44, 8)
+    engine = engines.HFEngine.replica(str(path), d, [1], 0, 44, 8)
     opt.step()
-    runtime.sync_weights(model, engine)
+    engines.sync_weights(model, engine)
     full = dict(runtime.full_params(model))
     for name, t in engine.model.state_dict().items():
         torch.testing.assert_close(t, full[name], msg=lambda m, name=name: f"engine {name}: {m}")

@@ -5,7 +5,7 @@ import importlib
 import pytest
 from conftest import run_script
 
-import runtime
+import cli
 
 SCRIPTS = ("kdrl", "codistill_grpo", "s2l_po", "copd", "sparse_to_dense")
 
@@ -53,16 +53,16 @@ def test_every_preset_parses(script, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     mod = importlib.import_module(script)
     for name in mod.PRESETS:
-        args = runtime.parse_args(mod.Args, mod.PRESETS, ["--preset", name])
-        runtime.validate_args(args, getattr(mod, "check_args", None), getattr(mod, "model_fields", None),
-                              () if script in ("copd", "sparse_to_dense") else runtime.PER_STEP)
+        args = cli.parse_args(mod.Args, mod.PRESETS, ["--preset", name])
+        cli.validate_args(args, getattr(mod, "check_args", None), getattr(mod, "model_fields", None),
+                              () if script in ("copd", "sparse_to_dense") else cli.PER_STEP)
         if script == "copd":
-            mod.plan(args, runtime.world_size())
+            mod.plan(args, cli.world_size())
 
 
 def _exit_line(capsys, mod, *argv) -> str:
     with pytest.raises(SystemExit) as e:
-        runtime.parse_args(mod.Args, mod.PRESETS, ["--preset", "tiny", *argv])
+        cli.parse_args(mod.Args, mod.PRESETS, ["--preset", "tiny", *argv])
     assert e.value.code == 2
     return capsys.readouterr().err.strip()
 
@@ -73,7 +73,7 @@ def test_zero_where_it_means_something(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     import kdrl
     import sparse_to_dense as s2d
-    a = runtime.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny", "--total-steps", "0", "--eval-every", "0",
+    a = cli.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny", "--total-steps", "0", "--eval-every", "0",
                                                      "--save-every", "0", "--eval-limit", "0", "--keep-checkpoints",
                                                      "0", "--log-samples", "0", "--lr-warmup-steps", "0"])
     assert (a.total_steps, a.keep_checkpoints) == (0, 0)
@@ -81,18 +81,18 @@ def test_zero_where_it_means_something(capsys, monkeypatch, tmp_path):
     assert "--grader-workers 0: must be at least 1" in _exit_line(capsys, kdrl, "--grader-workers", "0")
     assert "--num-minibatches 0: must be at least 1" in _exit_line(capsys, kdrl, "--num-minibatches", "0")
     # a stage left out may have 0 steps
-    assert runtime.parse_args(s2d.Args, s2d.PRESETS, ["--preset", "tiny", "--stages", "2b,3", "--steps-1", "0"])
+    assert cli.parse_args(s2d.Args, s2d.PRESETS, ["--preset", "tiny", "--stages", "2b,3", "--steps-1", "0"])
     # the model checks only the models the run loads: a local folder is fine offline, and so is an uncached
     # explorer that plain GRPO (--t-mix 0) never loads
     import s2l_po
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    runtime.validate_args(runtime.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny", "--teacher",
+    cli.validate_args(cli.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny", "--teacher",
                                                                         str(tmp_path)]))
-    args = runtime.parse_args(s2l_po.Args, s2l_po.PRESETS, ["--preset", "tiny", "--t-mix", "0", "--explorer",
+    args = cli.parse_args(s2l_po.Args, s2l_po.PRESETS, ["--preset", "tiny", "--t-mix", "0", "--explorer",
                                                             "nobody/not-cached"], models=s2l_po.model_fields)
     with pytest.raises(ValueError, match="--explorer 'nobody/not-cached': HF_HUB_OFFLINE=1"):
         args.t_mix = 2
-        runtime.validate_args(args, models=s2l_po.model_fields)
+        cli.validate_args(args, models=s2l_po.model_fields)
 
 
 def test_unknown_preset_is_one_line(capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import codistill_grpo as cd
+import cli
 import common
 import runtime
 from conftest import finite, read_jsonl, run_script, stop_after, without_timing
@@ -20,7 +21,7 @@ QUICK = ("--preset", "tiny", "--total-steps", "2", "--eval-every", "0", "--save-
 
 
 def _args(**kw):
-    return runtime.parse_args(cd.Args, cd.PRESETS, ["--preset", "tiny"] + [
+    return cli.parse_args(cd.Args, cd.PRESETS, ["--preset", "tiny"] + [
         x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))])
 
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+import cli
 import common
 import copd
-import runtime
 from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--s-rl", "1", "--s-opd", "1", "--prompts-per-step", "4",
@@ -17,7 +17,7 @@ SMOKE = ("--preset", "tiny", "--total-steps", "4", "--s-rl", "1", "--s-opd", "1"
 
 
 def _args(*argv):
-    return runtime.parse_args(copd.Args, copd.PRESETS, ["--preset", "tiny", *argv])
+    return cli.parse_args(copd.Args, copd.PRESETS, ["--preset", "tiny", *argv])
 
 
 def test_schedule_topology_and_batch_plan():

@@ -10,6 +10,8 @@ import importlib
 import pytest
 import torch
 
+import cli
+import engines
 import runtime
 
 
@@ -57,9 +59,9 @@ def test_forgetful_engine_catches_a_missing_push(warm):
     tok = runtime.load_tokenizer(warm["small"])
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(warm["small"])
-    eng = ForgetfulEngine(runtime.HFEngine.replica(warm["small"], d, runtime.eos_ids(tok, warm["small"]), tok.pad_token_id,
+    eng = ForgetfulEngine(engines.HFEngine.replica(warm["small"], d, runtime.eos_ids(tok, warm["small"]), tok.pad_token_id,
                                            len(tok), 8))
-    s = runtime.Sampling(4, 1.0, 1.0, -1)  # -1: no top-k, as vLLM spells it
+    s = engines.Sampling(4, 1.0, 1.0, -1)  # -1: no top-k, as vLLM spells it
     with pytest.raises(AssertionError, match="without a weight push"):
         eng.generate([[1, 2, 3]], 1, s, seed=0)  # never pushed
     eng.load_weights(model.named_parameters())
@@ -72,22 +74,22 @@ def test_forgetful_engine_catches_a_missing_push(warm):
 
 @pytest.mark.parametrize("script", list(CASES))
 def test_script_pushes_weights_after_every_sleep(script, tmp_path, warm, monkeypatch):
-    engines = []
-    make = runtime.make_engine
+    made = []
+    make = engines.make_engine
 
     def forgetful(*args, **kwargs):
-        engines.append(ForgetfulEngine(make(*args, **kwargs)))
-        return engines[-1]
+        made.append(ForgetfulEngine(make(*args, **kwargs)))
+        return made[-1]
 
-    monkeypatch.setattr(runtime, "make_engine", forgetful)
+    monkeypatch.setattr(engines, "make_engine", forgetful)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(k, "0")  # registers the variable with monkeypatch, which restores it afterwards
         monkeypatch.delenv(k)       # init_distributed then runs as a world of one, as under plain `python`
     extra = ("--bank-dir", str(tmp_path / "banks")) if script == "s2l_po" else ()
     mod = importlib.import_module(script)
     argv = [*QUICK, *CASES[script], *extra, "--output-dir", str(tmp_path / "run")]
-    mod.main(runtime.parse_args(mod.Args, mod.PRESETS, argv))
+    mod.main(cli.parse_args(mod.Args, mod.PRESETS, argv))
     assert (tmp_path / "run" / "metrics.jsonl").exists()
     # the protocol was exercised: the training engine slept between sampling and updates, and sampled again after
-    train = max(engines, key=lambda e: e.sleeps)
+    train = max(made, key=lambda e: e.sleeps)
     assert train.sleeps >= 2 and train.generates >= train.sleeps, (train.sleeps, train.generates)

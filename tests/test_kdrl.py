@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import cli
 import common
 import kdrl
 import runtime
@@ -22,7 +23,7 @@ SMOKE = ("--preset", "tiny", "--total-steps", "4", "--eval-every", "2", "--save-
 
 
 def _args(**kw):
-    return runtime.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny"] + [
+    return cli.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny"] + [
         x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))])
 
 

@@ -10,21 +10,23 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import cli
 import common
+import engines
 import runtime
 from conftest import ROOT, run_script
 from test_math import _tiny_model
 
 
 def _engine(model, vocab, stop=(1,), batch_size=4):
-    return runtime.HFEngine(model, list(stop), 0, vocab, batch_size)
+    return engines.HFEngine(model, list(stop), 0, vocab, batch_size)
 
 
 def test_greedy_sampling_matches_transformers_generate():
     """Left-padded prompts of different lengths, KV cache, per-row positions: the same tokens as HF generate."""
     model = _tiny_model(vocab=40)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
-    outs = _engine(model, vocab=40).generate(prompts, 1, runtime.Sampling(12, temperature=0.0), seed=0)
+    outs = _engine(model, vocab=40).generate(prompts, 1, engines.Sampling(12, temperature=0.0), seed=0)
     for p, (c,) in zip(prompts, outs):
         ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                              max_new_tokens=12, do_sample=False, eos_token_id=1, pad_token_id=0)[0, len(p):].tolist()
@@ -42,7 +44,7 @@ def test_sampled_logprobs_equal_trainer_logprobs_and_seed_reproduces():
         model.lm_head.weight[36:] += 5.0  # make the padding ids attractive: they must still never appear
     eng = _engine(model, vocab=36, stop=(1,))
     prompts = [[5, 6, 7], [8, 9]]
-    s = runtime.Sampling(10, temperature=0.8)
+    s = engines.Sampling(10, temperature=0.8)
     a = eng.generate(prompts, 3, s, seed=123)
     b = eng.generate(prompts, 3, s, seed=123)
     assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
@@ -71,7 +73,7 @@ def _filter_ref(row, top_k, top_p):
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (3, 1.0), (4, 0.7), (0, 1.0), (1, 0.9), (-1, 1.0), (-1, 0.6)])
 def test_filter_logits_matches_loop(top_k, top_p):
     logits = torch.randn(6, 10)
-    out = runtime.filter_logits(logits.clone(), top_k, top_p)
+    out = engines.filter_logits(logits.clone(), top_k, top_p)
     for b in range(6):
         kept = {i for i in range(10) if out[b, i] > float("-inf")}
         assert kept == _filter_ref(logits[b].tolist(), top_k, top_p)
@@ -79,20 +81,20 @@ def test_filter_logits_matches_loop(top_k, top_p):
 
 @dataclass
 class _A:
-    preset: str = runtime.arg("paper", "p")
-    lr: float = runtime.arg(1.0, "lr")
-    steps: int = runtime.arg(5, "s")
-    flag: bool = runtime.arg(False, "f")
+    preset: str = cli.arg("paper", "p")
+    lr: float = cli.arg(1.0, "lr")
+    steps: int = cli.arg(5, "s")
+    flag: bool = cli.arg(False, "f")
 
 
 def test_presets_apply_and_explicit_flags_win():
     presets = {"paper": {}, "tiny": {"lr": 0.5, "steps": 2, "flag": True}}
-    assert runtime.parse_args(_A, presets, []).lr == 1.0
-    a = runtime.parse_args(_A, presets, ["--preset", "tiny", "--steps", "7"])
+    assert cli.parse_args(_A, presets, []).lr == 1.0
+    a = cli.parse_args(_A, presets, ["--preset", "tiny", "--steps", "7"])
     assert (a.lr, a.steps, a.flag) == (0.5, 7, True)
-    assert runtime.parse_args(_A, presets, ["--preset", "tiny", "--flag", "false"]).flag is False
+    assert cli.parse_args(_A, presets, ["--preset", "tiny", "--flag", "false"]).flag is False
     with pytest.raises(SystemExit):
-        runtime.parse_args(_A, presets, ["--preset", "nope"])
+        cli.parse_args(_A, presets, ["--preset", "nope"])
 
 
 def test_fsdp2_two_ranks_match_one_process_and_checkpoint_roundtrips(tmp_path):
@@ -142,22 +144,22 @@ def test_vllm_engine_wakes_pushes_and_sleeps_in_order():
     """The colocated engine's GPU life cycle (sleep mode), without a GPU: weights are woken and pushed before any
     generation (never reloaded from disk), the KV cache wakes for generation, sleep frees both, generating asleep is
     an error. The CPU path runs the real engine in tests/test_vllm.py."""
-    eng = runtime.VLLMEngine.__new__(runtime.VLLMEngine)
+    eng = engines.VLLMEngine.__new__(engines.VLLMEngine)
     eng.llm, eng.stop_ids, eng.level, eng.cuda, eng.allowed = _FakeLLM(), [2], 2, True, list(range(16))
     eng.vllm = type("V", (), {"SamplingParams": lambda **kw: type("S", (), kw)()})
     eng.weights_awake = eng.kv_awake = False
     with pytest.raises(RuntimeError, match="push weights"):
-        eng.generate([[5]], 1, runtime.Sampling(4), seed=0)
+        eng.generate([[5]], 1, engines.Sampling(4), seed=0)
     eng.load_weights([("a", torch.ones(1)), ("b", torch.zeros(1))])
-    out = eng.generate([[5], [7]], 2, runtime.Sampling(4), seed=3)
-    eng.generate([[5]], 1, runtime.Sampling(4), seed=4)
+    out = eng.generate([[5], [7]], 2, engines.Sampling(4), seed=3)
+    eng.generate([[5]], 1, engines.Sampling(4), seed=4)
     eng.sleep()
     assert eng.llm.calls == ["wake:weights", "load", "load", "reset", "wake:kv_cache", "generate", "generate",
                              "sleep:2"]
     assert [c.token_ids for c in out[1]] == [[8, 2], [8, 2]] and out[0][0].logprobs == [-0.5, -1.0]
     assert out[0][0].finished and eng.llm.sampling.allowed_token_ids == list(range(16))  # no padded-vocab ids
     with pytest.raises(RuntimeError, match="push weights"):
-        eng.generate([[5]], 1, runtime.Sampling(4), seed=0)
+        eng.generate([[5]], 1, engines.Sampling(4), seed=0)
 
 
 def test_update_on_two_fsdp_ranks_equals_one_model_on_the_whole_batch(tmp_path):

@@ -9,8 +9,9 @@ import shutil
 import pytest
 import torch
 
+import cli
 import common
-import runtime
+import engines
 import s2l_po
 from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
@@ -20,7 +21,7 @@ SMOKE = ("--preset", "tiny", "--total-steps", "4", "--t-mix", "3", "--eval-every
 
 
 def _args(**kw):
-    return runtime.parse_args(s2l_po.Args, s2l_po.PRESETS, ["--preset", "tiny"] + [
+    return cli.parse_args(s2l_po.Args, s2l_po.PRESETS, ["--preset", "tiny"] + [
         x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))])
 
 
@@ -102,18 +103,18 @@ def test_dapo_wrapper_is_removed_and_nothing_else():
 
 
 def test_bank_draws_without_replacement_and_reproducibly(tmp_path):
-    bank = s2l_po.ExplorerBank(tmp_path, {"x": 1})
-    bank.shards = [{"keys": ["k"], "n": 4, "offsets": torch.tensor([0, 1, 3, 6, 10]),
+    bank, prompt = engines.CompletionBank(tmp_path, {"x": 1}), [5, 6, 7]
+    bank.shards = [{"keys": [engines.prompt_key(prompt)], "n": 4, "offsets": torch.tensor([0, 1, 3, 6, 10]),
                     "tokens": torch.arange(10, dtype=torch.int32), "logprobs": -torch.arange(10.0),
                     "finished": torch.tensor([True, False, True, True])}]
-    bank.index = {"k": (0, 0)}
-    draw = bank.draw("k", 4, random.Random(1))
+    bank.index = {engines.prompt_key(prompt): (0, 0)}
+    draw = bank.draw(prompt, 4, random.Random(1))
     assert sorted(c.token_ids for c in draw) == [[0], [1, 2], [3, 4, 5], [6, 7, 8, 9]]
-    assert [c.token_ids for c in bank.draw("k", 3, random.Random(5))] == \
-           [c.token_ids for c in bank.draw("k", 3, random.Random(5))]
-    assert len(bank.draw("k", 6, random.Random(0))) == 6  # more than stored: with replacement
-    with pytest.raises(KeyError, match="not in the explorer bank"):
-        bank.draw("other", 1, random.Random(0))
+    assert [c.token_ids for c in bank.draw(prompt, 3, random.Random(5))] == \
+           [c.token_ids for c in bank.draw(prompt, 3, random.Random(5))]
+    assert len(bank.draw(prompt, 6, random.Random(0))) == 6  # more than stored: with replacement
+    with pytest.raises(KeyError, match="not in the bank"):
+        bank.draw([8], 1, random.Random(0))
 
 
 def test_bank_is_reused_extended_and_invalidated(tmp_path, warm):
@@ -139,12 +140,12 @@ def test_bank_is_reused_extended_and_invalidated(tmp_path, warm):
     from safetensors.torch import load_file, save_file
     explorer = tmp_path / "explorer"
     shutil.copytree(warm["small"], explorer)
-    assert s2l_po.weights_fingerprint(str(explorer)) == s2l_po.weights_fingerprint(str(warm["small"]))
+    assert engines.weights_fingerprint(str(explorer)) == engines.weights_fingerprint(str(warm["small"]))
     sd = load_file(explorer / "model.safetensors")
     name = next(iter(sd))
     sd[name] = sd[name] + 1e-3
     save_file(sd, explorer / "model.safetensors", metadata={"format": "pt"})
-    assert s2l_po.weights_fingerprint(str(explorer)) != s2l_po.weights_fingerprint(str(warm["small"]))
+    assert engines.weights_fingerprint(str(explorer)) != engines.weights_fingerprint(str(warm["small"]))
 
 
 def _check_run(out, steps, shares):

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
+import cli
 import common
-import runtime
 import sparse_to_dense as s2d
 from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
@@ -19,7 +19,7 @@ SHORT = ("--preset", "tiny", "--eval-limit", "8", "--eval-samples", "2", "--prom
 
 
 def _args(**kw):
-    return runtime.parse_args(s2d.Args, s2d.PRESETS, ["--preset", "tiny"] + [
+    return cli.parse_args(s2d.Args, s2d.PRESETS, ["--preset", "tiny"] + [
         x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))])
 
 

@@ -62,12 +62,12 @@ def test_kdrl_vllm_push_and_its_control(tmp_path, warm):
     assert (tmp_path / "ok" / "final" / "config.json").exists()
 
     # the control: the same run where only the first push (before step 1) reaches the engine
-    shim = ("import runpy, sys, runtime\n"
-            "push, n = runtime.sync_weights, [0]\n"
+    shim = ("import runpy, sys, engines\n"
+            "push, n = engines.sync_weights, [0]\n"
             "def first_only(model, engine):\n"
             "    n[0] += 1\n"
             "    if n[0] == 1: push(model, engine)\n"
-            "runtime.sync_weights = first_only\n"
+            "engines.sync_weights = first_only\n"
             "sys.argv = ['kdrl.py', *sys.argv[1:]]\n"
             "runpy.run_path('kdrl.py', run_name='__main__')\n")
     proc = __import__("subprocess").run([sys.executable, "-c", shim, *args, "--output-dir", str(tmp_path / "stale")],

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import engines  # noqa: E402
 import runtime  # noqa: E402
 
 
@@ -44,25 +45,25 @@ def main(model_dir: str, out: str) -> None:
     vocab, padded = len(tok), AutoConfig.from_pretrained(model_dir).vocab_size
     assert padded > vocab, (padded, vocab)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    engine = runtime.VLLMEngine(model_dir, d, runtime.eos_ids(tok, model_dir), vocab, seed=0, max_model_len=128,
+    engine = engines.VLLMEngine(model_dir, d, runtime.eos_ids(tok, model_dir), vocab, seed=0, max_model_len=128,
                                 gpu_memory_utilization=0.3, sleep_level=2, kv_cache_gib=0.25)
     prompts = [common.encode_prompt(tok, f"What is {a}+{b}?", "{problem}") for a, b in ((12, 34), (250, 99), (7, 8))]
-    s = runtime.Sampling(max_new_tokens=24, temperature=0.7)
+    s = engines.Sampling(max_new_tokens=24, temperature=0.7)
     res = {"vocab": vocab, "padded_vocab": padded}
 
     # The bug the mask fixes: vLLM's own sampling, unrestricted, on the engine's initial (dummy) weights.
     sp = engine.vllm.SamplingParams(n=16, temperature=1.0, max_tokens=24, seed=1, detokenize=False)
     raw = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     res["raw_max_id"] = max(t for o in raw for c in o.outputs for t in c.token_ids)
-    res["masked_max_id_dummy"] = logp_gap(engine, model, prompts, 16, runtime.Sampling(24, 1.0), vocab, 1)[1]
+    res["masked_max_id_dummy"] = logp_gap(engine, model, prompts, 16, engines.Sampling(24, 1.0), vocab, 1)[1]
 
-    runtime.sync_weights(model, engine)
+    engines.sync_weights(model, engine)
     res["gap_after_push"], res["max_id_after_push"] = logp_gap(engine, model, prompts, 8, s, vocab, 2)
     with torch.no_grad():  # the trainer moves on; the engine is not told
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=1e-2)
     res["gap_stale"] = logp_gap(engine, model, prompts, 8, s, vocab, 3)[0]
-    runtime.sync_weights(model, engine)
+    engines.sync_weights(model, engine)
     res["gap_after_second_push"] = logp_gap(engine, model, prompts, 8, s, vocab, 4)[0]
     Path(out).write_text(json.dumps(res, indent=1))
     engine.close()  # shuts vLLM down, and with it the process group it joined
