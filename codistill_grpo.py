@@ -350,15 +350,13 @@ def main(args: Args) -> None:
     small = runtime.load_model(small_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     large = runtime.load_model(large_path, d, trainable=args.train_large, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     engine = engines.make_engine(args.rollout, small_path, d, tok, vocab, args)
-    # One vLLM engine per process (each reserves its own memory), and the two models differ in shape: the large
-    # model samples with HF
+    # one vLLM engine per process (each reserves its own memory), and the models differ in shape: the large one uses HF
     large_engine = engines.make_engine("hf", large_path, d, tok, vocab, args) if G_own or args.eval_large else None
     opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     opt_L = torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay) \
         if args.train_large else None
-    models, opts = {"small": small}, {"small": opt}
-    if args.train_large:
-        models["large"], opts["large"] = large, opt_L
+    models = {"small": small} | ({"large": large} if args.train_large else {})  # what a checkpoint holds
+    opts = {"small": opt} | ({"large": opt_L} if args.train_large else {})
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)

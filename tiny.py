@@ -21,7 +21,9 @@ in 40 steps while the KL to the teacher falls threefold. `python bench/toy_model
 A third size, "base", is the large architecture warm-started to answer 80% of its targets at once, like an untuned
 base model that rarely reasons: the learner of s2l_po.py, whose frozen explorer is the small model. The large
 model already works every problem out, so it has nothing to learn from the small one's rollouts; the base model
-has, because the small model works most of its answers out and so writes the behaviour that earns reward.
+has, because the small model works most of its answers out and so writes the behaviour that earns reward. A fourth,
+"hasty", is the same fine-tune answering at once 98% of the time: its own samples rarely hold a worked solution, so
+plain GRPO rarely sees one, which is the setting S2L-PO's explorer is for.
 
 Model and data names of the form `tiny:small`, `tiny:large`, `tiny:add,lin` are resolved here (through
 `resolve_model` and `make_split`); nothing else in the scripts needs to know about the toy world.
@@ -164,6 +166,10 @@ SIZES = {
     # (trained from scratch on such targets, the large architecture never learns the arithmetic it then skips)
     "base": Size(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab_pad=128, tied=False,
                  warm_steps=200, warm_lr=1e-3, direct_frac=0.8, init_from="large"),
+    # the same fine-tune, answering at once 98% of the time: its own samples rarely hold a worked (and so correct)
+    # solution, the precondition of S2L-PO's explorer (bench/s2l_passk.py measures it)
+    "hasty": Size(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab_pad=128, tied=False,
+                  warm_steps=200, warm_lr=1e-3, direct_frac=0.98, init_from="large"),
 }
 WARM_TASKS = "add,mul,lin"
 WARM_BATCH = 64

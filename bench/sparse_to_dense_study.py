@@ -8,7 +8,7 @@ teacher, every stage seeds its own data order and rollouts by (seed, stage, step
 stage in the run. So the ablations that keep stage 1 reuse the full run's stage outputs instead of recomputing them:
 `--stages 2b,3 --teacher FULL/stage_1` is exactly `--stages 1,2b,3`, and `--stages 3 --model FULL/stage_2a` is
 exactly `--stages 1,2a,3`. Runs go to bench/out/sparse_to_dense/<config>-s<seed>/; the table (markdown) and the raw
-numbers (JSON) to bench/out/sparse_to_dense/.
+numbers (JSON) to bench/out/sparse_to_dense/ (--name: another folder).
 """
 
 import argparse
@@ -22,13 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out" / "sparse_to_dense"
 
 
 def configs(full: Path, student_steps: int) -> dict[str, list[str]]:
     """Config name -> flags; {full} is the full workflow's run directory of the same seed."""
     return {
-        "full workflow (1, 2a, 2b, 3)": ["--stages", "1,2a,2b,3"],
+        "full workflow (1, 2a, 2b, 3)": ["--stages", "1,2a,2b,3", "--eval-every", "100000"],  # + both at the start
         "cold GRPO (3 on all labels)": ["--stages", "3", "--stage3-data", "all", "--steps-3", str(student_steps),
                                         "--eval-every", str(student_steps)],  # also evaluates the warm start
         "raw teacher (2a, 2b, 3)": ["--stages", "2a,2b,3"],
@@ -43,8 +42,8 @@ def mean_acc(res: dict) -> float:
     return statistics.mean(next(v for k, v in r.items() if k.startswith("avg@")) for r in res.values())
 
 
-def run(name: str, seed: int, flags: list[str], common: list[str]) -> dict:
-    out = OUT / f"{name.split(' (')[0].replace(' ', '_').replace('+', 'plus')}-s{seed}"
+def run(name: str, seed: int, flags: list[str], common: list[str], root: Path) -> dict:
+    out = root / f"{name.split(' (')[0].replace(' ', '_').replace('+', 'plus')}-s{seed}"
     cmd = [sys.executable, str(ROOT / "sparse_to_dense.py"), *common, *flags, "--seed", str(seed),
            "--output-dir", str(out), "--overwrite"]
     t0 = time.time()
@@ -56,9 +55,11 @@ def run(name: str, seed: int, flags: list[str], common: list[str]) -> dict:
         s = json.loads(f.read_text())
         stages[s["stage"]] = mean_acc(s["eval"])
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
-    start = [next(v for k, v in e.items() if k.startswith("avg@")) for e in evals if e["step"] == 0 and not e.get("tag")]
-    if start:
-        stages["start"] = statistics.mean(start)
+    for key, tag in (("start", ""), ("teacher start", "teacher")):
+        start = [next(v for k, v in e.items() if k.startswith("avg@")) for e in evals
+                 if e["step"] == 0 and e.get("tag", "") == tag]
+        if start:
+            stages[key] = statistics.mean(start)
     print(f"{name} seed {seed}: {stages} ({time.time() - t0:.0f}s)", flush=True)
     return {"out": str(out), "stages": stages, "final": stages[flags[flags.index("--stages") + 1].split(",")[-1]],
             "wall_s": time.time() - t0}
@@ -75,22 +76,26 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (timings then include their contention)")
     ap.add_argument("--student-steps", type=int, default=40, help="cold GRPO steps: the full workflow's 2a + 2b + 3")
+    ap.add_argument("--name", default="sparse_to_dense", help="folder under bench/out")
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    OUT.mkdir(parents=True, exist_ok=True)
+    # each run gets its share of the cores: more threads than cores made every process several times slower
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // a.jobs)))
+    root = ROOT / "bench" / "out" / a.name
+    root.mkdir(parents=True, exist_ok=True)
     names = list(configs(Path("."), a.student_steps))
     full_name, independent = names[0], names[1:3]
 
     def chain(seed: int) -> dict:
         """The full run, then the ablations that read its stage outputs."""
-        res = {full_name: run(full_name, seed, configs(Path("."), a.student_steps)[full_name], common)}
+        res = {full_name: run(full_name, seed, configs(Path("."), a.student_steps)[full_name], common, root)}
         cfg = configs(Path(res[full_name]["out"]), a.student_steps)
         for name in names[3:]:
-            res[name] = run(name, seed, cfg[name], common)
+            res[name] = run(name, seed, cfg[name], common, root)
         return res
 
     with ThreadPoolExecutor(a.jobs) as pool:
         chains = {seed: pool.submit(chain, seed) for seed in a.seeds}
-        singles = {(n, seed): pool.submit(run, n, seed, configs(Path("."), a.student_steps)[n], common)
+        singles = {(n, seed): pool.submit(run, n, seed, configs(Path("."), a.student_steps)[n], common, root)
                    for n in independent for seed in a.seeds}
         results = {n: [] for n in names}
         for seed in a.seeds:
@@ -99,8 +104,8 @@ def main() -> None:
             for n in independent:
                 results[n].append({"seed": seed, **singles[(n, seed)].result()})
 
-    lines = ["| config | teacher after 1 | student at start | after 2a | after 2b | final student | Δ vs full | "
-             "wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | teacher at start | teacher after 1 | student at start | after 2a | after 2b | final student | Δ vs full | "
+             "wall s |", "|---|---|---|---|---|---|---|---|---|"]
     full_by_seed = {r["seed"]: r["final"] for r in results[full_name]}
     for n in names:
         runs = results[n]
@@ -108,12 +113,12 @@ def main() -> None:
         def col(stage):
             xs = [r["stages"][stage] for r in runs if stage in r["stages"]]
             return fmt(xs) if xs else "-"
-        lines.append(f"| {n} | {col('1')} | {col('start')} | {col('2a')} | {col('2b')} | {fmt([r['final'] for r in runs])} | "
+        lines.append(f"| {n} | {col('teacher start')} | {col('1')} | {col('start')} | {col('2a')} | {col('2b')} | {fmt([r['final'] for r in runs])} | "
                      f"{fmt([r['final'] - full_by_seed[r['seed']] for r in runs]) if n != full_name else '-'} | "
                      f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
     table = "\n".join(lines)
-    (OUT / "results.json").write_text(json.dumps(results, indent=1))
-    (OUT / "table.md").write_text(f"`{' '.join(sys.argv)}`, seeds {a.seeds}\n\n{table}\n")
+    (root / "results.json").write_text(json.dumps(results, indent=1))
+    (root / "table.md").write_text(f"`{' '.join(sys.argv)}`, seeds {a.seeds}\n\n{table}\n")
     print(table)
 
 
