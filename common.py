@@ -1,7 +1,8 @@
 """Shared, paper-agnostic pieces of the tandem scripts: GRPO/KD math, token log-probs and KLs in chunks, batches,
-data, evaluation summaries. The verifiers (math answers, sandboxed code) are in `verifiers.py`, the run-time
-plumbing (distributed, FSDP2, rollout engines, the update skeleton, logging, checkpoints) in `runtime.py`. No
-paper's objective lives in any of them: each script shows its own.
+data, evaluation summaries. The verifiers (math answers, sandboxed code) are in `verifiers.py`, the command line
+in `cli.py`, the run-time plumbing (distributed, FSDP2, the update skeleton, logging, checkpoints) in `runtime.py`,
+the rollout engines and evaluation in `engines.py`. No paper's objective lives in any of them: each script shows
+its own.
 
 Tensor names carry shape suffixes: P prompts, G completions per prompt, B sequences (= P*G on a rank),
 T tokens (prompt + response, right-padded), V vocabulary, N response tokens flattened, H hidden size.
