@@ -77,7 +77,7 @@ def validate_args(args, check=None, models=None, per_step=PER_STEP) -> None:
     if tracker != "none":
         import importlib.util
         need = REPORT_TO.get(tracker)
-        if need is None:
+        if need is None:  # the flag's choices are checked by argparse, but a --config replay sets it as a default
             raise ValueError(f"--report-to {tracker!r}: choose none, wandb or tensorboard")
         if importlib.util.find_spec(need) is None:
             raise ValueError(f"--report-to {tracker} needs the {need} package, which is not installed: pip install "

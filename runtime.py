@@ -443,7 +443,7 @@ class Tracker:
     in <run>/tensorboard, where a resumed run first drops the events logged after its checkpoint."""
 
     def __init__(self, kind: str, out_dir: Path, cfg: dict, start_step: int):
-        self.kind, self.run, self.writer = kind, None, None
+        self.run, self.writer = None, None
         if kind == "wandb":
             import wandb
             id_file = out_dir / "wandb_id.txt"

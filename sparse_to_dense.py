@@ -422,7 +422,7 @@ def main(args: Args) -> None:
         return res
 
     if start == 0 and args.eval_every:  # the starting points, once: later stages start where earlier ones ended
-        for role in sorted(roles & {TRAINS[s] for s in stages}, reverse=True):
+        for role in sorted({TRAINS[s] for s in stages}, reverse=True):
             m = runtime.load_model(paths[role], d, trainable=False, vocab=vocab)
             run_eval(m, role, 0)
             del m
