@@ -20,6 +20,8 @@ Baselines at matched total steps (--mode), with T = --total-steps optimizer step
     mixed        one model, K·T GRPO steps on the union (each batch 1/K from every dataset)     K·T updates
     static_opd   the K = 2 experts (T steps each), then the student (--static-student) learns
                  from the other, frozen, by pure OPD on the teacher's data for one extra stage  K·T + T_opd updates
+    mopd         the K experts (T steps each), then a fresh copy of π_0 learns from all of them,
+                 frozen, by pure OPD on every dataset, each prompt scored by its own expert    K·T + T_opd updates
 
 Reconstructions of what the paper leaves open:
   1. Text branches: math (Polaris-53K, math-verify) and code (KodCode-Light-RL-10K: the last ```python block is run
@@ -30,7 +32,10 @@ Reconstructions of what the paper leaves open:
   3. δ's student term is the rollout-time log-prob, detached (one update per batch: the same as the live one).
   4. Teachers are live: every teacher scores with the weights it had before the step's updates (the paper's
      commented-out "freeze teacher states" line is not implemented).
-  5. Merge: uniform average of the branches (--merge-weights for a weighted one); T_opd = T·S_OPD/(S_RL+S_OPD).
+  5. Merge: uniform average of the branches (--merge-weights for a weighted one); T_opd = T·S_OPD/(S_RL+S_OPD) for
+     static_opd. MOPD (multi-teacher OPD, the MiMo-V2-Flash recipe the paper cites; it gives no details): the student
+     starts at π_0, each step splits its prompts equally over the K datasets, Â_t = δ_t (β 1) in the same surrogate,
+     T_opd = T (a student that starts from π_0 gets one expert's budget).
   6. Symmetric KL = KL(p‖q) + KL(q‖p) over the full vocabulary, averaged over response tokens; O_k = |top_k(p) ∩
      top_k(q)| / k; both on 1 sample from each branch for --diag-prompts prompts of every dataset.
   7. Evaluation: math avg@4 at T 0.7, top-p 0.8, top-k 20 (the authors' validation settings) on MATH-500, AIME 24/25,
@@ -41,15 +46,18 @@ Deviations: none in the objective. One rollout engine serves every branch: each 
 before its rollouts (one vLLM engine per process: each would reserve its own memory), so a step costs K weight pushes.
 Tiny preset: the base is tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the
 two branches have different things to learn; T = 40 steps per branch with S_RL : S_OPD = 6 : 4 (the paper's
-1.5 : 1), lr 1e-4.
+1.5 : 1), lr 1e-4. Interference world: tiny:formats writes its answer boxed or tagged at random in both families,
+and `add` is graded on the box, `lin` on the tag, so what one capability's reward teaches the other's punishes.
 
 Run:
     torchrun --nproc_per_node 8 copd.py --rollout vllm          # paper setup: math + code branches, 8 GPUs
     python copd.py --preset 1gpu --rollout vllm                 # one 80 GB GPU, a 1.5B model
     python copd.py --preset tiny                                # CPU toy world: add and lin as the two capabilities
     python copd.py --preset tiny --mode mixed                   # a baseline: mixed RLVR at the same total steps
+    python copd.py --preset tiny --model tiny:formats --verifiers math math_tag --eval-verifiers math math_tag
 """
 
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -133,8 +141,10 @@ class Args:
     grader_workers: int = arg(2, "math-verify worker processes per rank")
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- CoPD --------------------------------------------------------------------------------------------
-    mode: Literal["copd", "experts", "mixed", "static_opd"] = arg("copd", "the method or a baseline (see docstring)")
-    verifiers: list[str] = arg(["math", "code"], "reward per branch: math (math-verify) or code (sandboxed pytest)")
+    mode: Literal["copd", "experts", "mixed", "static_opd", "mopd"] = arg("copd", "the method or a baseline (see docstring)")
+    verifiers: list[str] = arg(["math", "code"], "reward per branch: math (math-verify on --answer-format), math_tag "
+                               "(math-verify on <answer>...</answer>) or code (sandboxed pytest)")
+    eval_verifiers: list[str] = arg([], "verifier of each --eval-data benchmark, in order (empty = math for all)")
     s_rl: int = arg(15, "S_RL: Phase-I (branch GRPO) steps per cycle")
     s_opd: int = arg(10, "S_OPD: Phase-II (GRPO + mutual OPD) steps per cycle")
     beta: list[float] = arg([1.0], "β_k: weight of the cross-branch advantage (Eq. delta), one or one per branch")
@@ -142,7 +152,7 @@ class Args:
     phase2_native_rl: bool = arg(True, "keep native GRPO in Phase II (off: a pure-OPD Phase II)")
     hub: int = arg(0, "K ≥ 3: the hub branch of the hub-and-spoke topology")
     static_student: int = arg(1, "static_opd: the expert that learns from the other, frozen one")
-    static_opd_steps: int = arg(0, "static_opd: T_opd, steps of the extra OPD stage (0 = T·S_OPD/(S_RL+S_OPD))")
+    static_opd_steps: int = arg(0, "static_opd, mopd: T_opd, steps of the OPD stage (0 = T·S_OPD/(S_RL+S_OPD), mopd T)")
     merge_weights: list[float] = arg([], "weights of the final merge, one per branch (empty = uniform 1/K)")
     overlap_k: int = arg(10, "k of the top-k overlap diagnostic O_k")
     diag_prompts: int = arg(32, "prompts per dataset for the O_k / symmetric-KL diagnostics (0 = off)")
@@ -173,19 +183,29 @@ def phase_at(step: int, args: Args) -> str:
     """Algorithm 1: cycles of S_RL Phase-I steps ("rl") then S_OPD Phase-II steps ("opd"); the baselines' stages."""
     if args.mode in ("experts", "mixed"):
         return "rl"
-    if args.mode == "static_opd":
+    if args.mode in ("static_opd", "mopd"):
         return "rl" if step < args.total_steps else "static"
     return "rl" if step % (args.s_rl + args.s_opd) < args.s_rl else "opd"
 
 
 def teachers_of(k: int, K: int, args: Args) -> list[int]:
     """Whose prompts branch k samples in Phase II, and who scores them: the partner (K = 2); hub and spokes for
-    K ≥ 3 (a spoke learns from the hub, the hub from every spoke); static_opd: the frozen other expert."""
+    K ≥ 3 (a spoke learns from the hub, the hub from every spoke); static_opd: the frozen other expert; mopd: all."""
     if args.mode == "static_opd":
         return [1 - k]
+    if args.mode == "mopd":
+        return list(range(K))
     if K == 2:
         return [1 - k]
     return [j for j in range(K) if j != k] if k == args.hub else [args.hub]
+
+
+def students_at(phase: str, K: int, args: Args) -> list[int]:
+    """The models that update in a phase: every branch (one model in mixed); in the OPD stage of static_opd its
+    student, of mopd the fresh student (model K) while the K experts stay frozen."""
+    if phase == "static":
+        return [K if args.mode == "mopd" else args.static_student]
+    return [0] if args.mode == "mixed" else list(range(K))
 
 
 def batch_plan(k: int, phase: str, K: int, args: Args) -> list[tuple[str, int, int]]:
@@ -331,10 +351,12 @@ def plan(args: Args, world: int) -> Plan:
     K = len(args.train_data)
     keys = {f: per_branch(getattr(args, f), K, f) for f in ("problem_key", "answer_key", "prompt_template",
                                                             "verifiers", "beta")}
-    bad = [v for v in keys["verifiers"] if v not in ("math", "code")]
+    bad = [v for v in keys["verifiers"] + args.eval_verifiers if v not in ("math", "math_tag", "code")]
     if K < 2 or bad:
-        raise ValueError(f"CoPD needs K ≥ 2 datasets in --train-data (got {K}) and verifiers 'math' or 'code' "
-                         f"(got {bad})")
+        raise ValueError(f"CoPD needs K ≥ 2 datasets in --train-data (got {K}) and verifiers 'math', 'math_tag' or "
+                         f"'code' (got {bad})")
+    if args.eval_verifiers and len(args.eval_verifiers) != len(names := args.eval_data.split(",")):
+        raise ValueError(f"--eval-verifiers needs one verifier per --eval-data benchmark ({len(names)}), or none")
     if args.mode == "static_opd" and (K != 2 or args.static_student not in (0, 1)):
         raise ValueError("--mode static_opd is defined for two experts: give two --train-data and "
                          "--static-student 0 or 1")
@@ -342,12 +364,13 @@ def plan(args: Args, world: int) -> Plan:
         raise ValueError(f"--hub {args.hub} is not a branch (0..{K - 1})")
     if args.diag_prompts % world:
         raise ValueError(f"--diag-prompts {args.diag_prompts} does not divide by the world size {world}")
-    T_opd = args.static_opd_steps or round(args.total_steps * args.s_opd / (args.s_rl + args.s_opd))
-    total = {"mixed": K * args.total_steps, "static_opd": args.total_steps + T_opd}.get(args.mode, args.total_steps)
-    n_models = 1 if args.mode == "mixed" else K
+    T = args.total_steps
+    T_opd = args.static_opd_steps or (T if args.mode == "mopd" else round(T * args.s_opd / (args.s_rl + args.s_opd)))
+    total = {"mixed": K * T, "static_opd": T + T_opd, "mopd": T + T_opd}.get(args.mode, T)
+    n_models = {"mixed": 1, "mopd": K + 1}.get(args.mode, K)  # mopd: the K experts and the student
     phases = {phase_at(s, args) for s in range(total)}
-    for k in range(n_models):
-        for phase in phases:
+    for phase in phases:
+        for k in students_at(phase, K, args):
             for kind, j, n in batch_plan(k, phase, K, args):
                 if n <= 0 or n % world:
                     raise ValueError(f"branch {k}'s {phase} batch takes {n} {kind} prompts of dataset {j}, which must "
@@ -357,12 +380,14 @@ def plan(args: Args, world: int) -> Plan:
                 total=total, phases=phases)
 
 
-def load_data(args: Args, cfg: Plan, d) -> tuple[list, dict, dict, dict]:
-    """Every dataset's training rows, the math benchmarks, the code benchmarks (a code dataset's last --code-heldout
-    rows, never trained on) and the prompt streams: one per dataset for native prompts, one per (student, teacher)
-    for cross prompts, so that their orders are independent."""
-    rows, benches = [], common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
-    code_benches = {}
+def load_data(args: Args, cfg: Plan, d) -> tuple[list, dict, dict]:
+    """Every dataset's training rows, the benchmarks by verifier (--eval-data by --eval-verifiers; a code dataset's
+    last --code-heldout rows, never trained on) and the prompt streams: one per dataset for native prompts, one per
+    (student, teacher) for cross prompts, so that their orders are independent."""
+    rows, benches = [], {}
+    for (name, b), kind in zip(common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit).items(),
+                               args.eval_verifiers or itertools.repeat("math")):
+        benches.setdefault(kind, {})[name] = b
     for k in range(cfg.K):
         r = common.load_problems(args.train_data[k], args.train_split, cfg.problem_key[k], cfg.answer_key[k],
                                  seed=args.seed)
@@ -370,15 +395,16 @@ def load_data(args: Args, cfg: Plan, d) -> tuple[list, dict, dict, dict]:
             if len(r) <= args.code_heldout:
                 raise ValueError(f"{args.train_data[k]} has {len(r)} problems, not more than --code-heldout "
                                  f"{args.code_heldout}: lower it (0 = no code benchmark)")
-            r, code_benches[f"code:{args.train_data[k]}"] = r[:-args.code_heldout], r[-args.code_heldout:]
+            r, benches.setdefault("code", {})[f"code:{args.train_data[k]}"] = r[:-args.code_heldout], r[-args.code_heldout:]
         rows.append([{**x, "branch": k} for x in r])
     streams = {f"own{k}": common.PromptStream(rows[k], d.world, d.rank, d.world, args.seed * 1000 + k)
                for k in range(cfg.K)}
     for k in range(cfg.n_models):
-        for j in {j for ph in cfg.phases for kind, j, _ in batch_plan(k, ph, cfg.K, args) if kind == "cross"}:
+        for j in {j for ph in cfg.phases if k in students_at(ph, cfg.K, args)
+                  for kind, j, _ in batch_plan(k, ph, cfg.K, args) if kind == "cross"}:
             streams[f"cross{k}_{j}"] = common.PromptStream(rows[j], d.world, d.rank, d.world,
                                                            args.seed * 1000 + 100 + 10 * k + j)
-    return rows, benches, code_benches, streams
+    return rows, benches, streams
 
 
 def diag_pairs(steps_done: int, cfg: Plan, args: Args) -> list[tuple[int, int]]:
@@ -391,6 +417,8 @@ def diag_pairs(steps_done: int, cfg: Plan, args: Args) -> list[tuple[int, int]]:
         return []
     if args.mode == "static_opd":
         return [(args.static_student, 1 - args.static_student)]
+    if args.mode == "mopd":  # the student (model K) and each expert
+        return [(cfg.K, j) for j in range(cfg.K)]
     return [(0, 1)] if cfg.K == 2 else [(args.hub, j) for j in range(cfg.K) if j != args.hub]
 
 
@@ -414,25 +442,14 @@ def diagnose(branches, engine, tok, rows: list, pairs: list, steps_done: int, cf
         for ro in seqs[a] + seqs[b]:
             for _, mb in ro.batch(tok.pad_token_id, d.device).micro_batches(args.micro_batch_size):
                 h_a, h_b = common.response_hidden(branches[a], mb), common.response_hidden(branches[b], mb)
-                o_N, kl_N = overlap_and_sym_kl(h_a, branches[a].get_output_embeddings(), h_b,
-                                               branches[b].get_output_embeddings(), vocab, args.overlap_k,
-                                               args.logprob_chunk)
+                head_a, head_b = branches[a].get_output_embeddings(), branches[b].get_output_embeddings()
+                o_N, kl_N = overlap_and_sym_kl(h_a, head_a, h_b, head_b, vocab, args.overlap_k, args.logprob_chunk)
                 o, kl, n = o + o_N.sum().double(), kl + kl_N.sum().double(), n + o_N.numel()
         tot = runtime.all_reduce_mean({"o": o.item(), "kl": kl.item(), "n": float(n)}, d)
         suffix = "" if len(pairs) == 1 else f"/{a}-{b}"
         m[f"diag/overlap_top{args.overlap_k}{suffix}"] = tot["o"] / max(tot["n"], 1.0)
         m[f"diag/sym_kl{suffix}"] = tot["kl"] / max(tot["n"], 1.0)
     return m
-
-
-def grade(verify: dict, verifier_of: list[str], texts: list[str], probs: list[dict]) -> list[float]:
-    """Rewards of responses to a batch of problems, each graded by its dataset's verifier."""
-    out = [0.0] * len(texts)
-    for kind in verify:
-        idx = [i for i, p in enumerate(probs) if verifier_of[p["branch"]] == kind]
-        for i, r in zip(idx, verify[kind]([texts[i] for i in idx], [probs[i]["answer"] for i in idx])):
-            out[i] = r
-    return out
 
 
 def main(args: Args) -> None:
@@ -447,12 +464,14 @@ def main(args: Args) -> None:
                 for _ in range(cfg.n_models)]
     engine = engines.make_engine(args.rollout, base_path, d, tok, vocab, args)  # one engine, weights pushed per branch
     opts = [torch.optim.AdamW(b.parameters(), lr=args.lr, weight_decay=args.weight_decay) for b in branches]
-    verify = {"math": verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)}
+    rows, benches, streams = load_data(args, cfg, d)
+    verify = {kind: verifiers.Grader(args.grader_workers, args.grader_timeout,
+                                     "answer_tag" if kind == "math_tag" else args.answer_format)
+              for kind in {"math", *cfg.verifiers, *benches} - {"code"}}
     if "code" in cfg.verifiers:
         verify["code"] = verifiers.CodeVerifier(args.code_workers, args.code_timeout, args.code_memory_mb)
         if d.main:
             print(f"[copd] code sandbox: {verify['code'].isolation}", flush=True)
-    rows, benches, code_benches, streams = load_data(args, cfg, d)
     train_sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     eval_sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     names = {f"branch{k}": b for k, b in enumerate(branches)}
@@ -473,17 +492,13 @@ def main(args: Args) -> None:
     def rest() -> None:
         engine.sleep()  # free the GPU for scoring and updates (vLLM); a level-2 sleep discards the pushed weights
 
-    math_template = cfg.prompt_template[cfg.verifiers.index("math") if "math" in cfg.verifiers else 0]
-
     def run_eval(step: int, k: int, tag: str = "") -> None:
         push(k)
-        ks = [1, 4, 8, 16, 32]
-        res = engines.evaluate(engine, tok, benches, verify["math"], math_template, args.eval_samples, eval_sampling,
-                               ks, d, args.seed, args.max_prompt_tokens)
-        if code_benches:
-            code_k = cfg.verifiers.index("code")
-            res |= engines.evaluate(engine, tok, code_benches, verify["code"], cfg.prompt_template[code_k],
-                                    args.eval_samples, eval_sampling, ks, d, args.seed, args.max_prompt_tokens)
+        res = {}
+        for kind, group in benches.items():  # each benchmark graded by its verifier, in its branch's prompt template
+            template = cfg.prompt_template[cfg.verifiers.index(kind) if kind in cfg.verifiers else 0]
+            res |= engines.evaluate(engine, tok, group, verify[kind], template, args.eval_samples, eval_sampling,
+                                    [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens)
         rest()
         log.eval(step, res, tag)
 
@@ -492,7 +507,7 @@ def main(args: Args) -> None:
     for step in range(start, cfg.total):
         meter, metrics = runtime.Meter(), {}  # the step's values and timers; each branch's update has its own meter
         phase = phase_at(step, args)
-        students = [args.static_student] if phase == "static" else list(range(cfg.n_models))
+        students = students_at(phase, cfg.K, args)
         for opt in opts:
             lr = runtime.set_lr(opt, step, args.lr, args.lr_warmup_steps)
         meter.set({"phase": {"rl": 0.0, "opd": 1.0, "static": 2.0}[phase], "lr": lr,
@@ -509,7 +524,8 @@ def main(args: Args) -> None:
                                          args.max_prompt_tokens, train_sampling,
                                          runtime.rollout_seed(args.seed, step, d.rank, salt=1 + 16 * k + i))
                     of_B = [x for x in ro.problems for _ in range(args.group_size)]  # each response's problem
-                    reward = pool.submit(grade, verify, cfg.verifiers, ro.texts, of_B) if kind == "native" else None
+                    reward = pool.submit(verifiers.grade_each, verify, [cfg.verifiers[x["branch"]] for x in of_B],
+                                         ro.texts, [x["answer"] for x in of_B]) if kind == "native" else None
                     parts[k].append(Part(kind, j, ro, ro.batch(tok.pad_token_id, d.device), reward))
             rest()
 
@@ -529,7 +545,8 @@ def main(args: Args) -> None:
         # --- update: one optimizer step per branch over its native + cross batch (token-mean over both)
         with meter.time("update"):
             for k in students:
-                m_k = train_branch(branches[k], opts[k], parts[k], cfg.beta[k], vocab, args, d.device)
+                beta = 1.0 if k == cfg.K else cfg.beta[k]  # mopd's student: Â_t = δ_t, as in MiMo's recipe
+                m_k = train_branch(branches[k], opts[k], parts[k], beta, vocab, args, d.device)
                 metrics |= {f"branch{k}/{key}": v for key, v in m_k.items()}
                 log.samples(step + 1, [{"branch": k, "kind": p.kind, **s} for p in parts[k] for s in p.ro.samples(
                     [None] * len(p.ro.texts) if p.correct_B is None else p.correct_B.tolist(), args.log_samples)])
@@ -559,10 +576,10 @@ def main(args: Args) -> None:
 
     # --- final: every branch saved and evaluated, then the final model (the merge, or the single model)
     if cfg.n_models > 1:
-        for k in range(cfg.n_models):
+        for k in range(cfg.K):  # the branches, or the experts (mopd's student is the final model)
             runtime.save_hf(branches[k], tok, out / "branches" / f"branch{k}", d)
             run_eval(cfg.total, k, tag=f"branch{k}")
-    final = args.static_student if args.mode == "static_opd" else 0
+    final = {"static_opd": args.static_student, "mopd": cfg.K}.get(args.mode, 0)
     if args.mode in ("copd", "experts"):
         merge_into(branches[0], branches, cfg.weights)
     runtime.save_hf(branches[final], tok, out / "final", d)

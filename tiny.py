@@ -162,6 +162,13 @@ SIZES = {
     "habits": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
                    warm_steps=560, warm_lr=3e-3, direct_frac=0.0,
                    habits=(("add", "direct", 0.6), ("lin", "unboxed", 0.6))),
+    # Two capabilities that compete for one behaviour, for CoPD's interference world: the small architecture writes
+    # its final answer as `\\boxed{N}` or as `<answer>N</answer>` half the time each, in both families; the `add`
+    # branch is graded on the box and the `lin` branch on the tag (copd.py --verifiers math math_tag), so what RL on
+    # one family rewards is what RL on the other punishes, unless the model learns to tell the two apart.
+    "formats": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
+                    warm_steps=560, warm_lr=3e-3, direct_frac=0.0,
+                    habits=(("add", "tagged", 0.5), ("lin", "tagged", 0.5))),
     # s2l_po.py's learner: the large model, fine-tuned into an untuned base model's habit of answering at once
     # (trained from scratch on such targets, the large architecture never learns the arithmetic it then skips)
     "base": Size(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab_pad=128, tied=False,
@@ -222,7 +229,8 @@ def _key(size: str) -> str:
 def _target(s: Size, row: dict, u: float) -> str:
     """The warm-start target of one problem, given a uniform draw `u`: by default the worked solution, or a direct
     `\\boxed{answer}` with probability `direct_frac`. A family's habit overrides that: "direct" answers at once,
-    "unboxed" writes the worked solution without its final `\\boxed{}` (so the verifier finds no answer)."""
+    "unboxed" writes the worked solution without its final `\\boxed{}` (so the verifier finds no answer), "tagged"
+    writes it with the answer in `<answer>N</answer>` instead of the box."""
     habit = next(((h, share) for fam, h, share in s.habits if fam == row["task"]), None)
     if habit is None:
         return f"\\boxed{{{row['answer']}}}" if u < s.direct_frac else row["solution"]
@@ -233,7 +241,9 @@ def _target(s: Size, row: dict, u: float) -> str:
         return f"\\boxed{{{row['answer']}}}"
     if kind == "unboxed":
         return row["solution"].rsplit(" \\boxed{", 1)[0]
-    raise ValueError(f"unknown habit {kind!r}; use 'direct' or 'unboxed'")
+    if kind == "tagged":
+        return row["solution"].rsplit(" \\boxed{", 1)[0] + f" <answer>{row['answer']}</answer>"
+    raise ValueError(f"unknown habit {kind!r}; use 'direct', 'unboxed' or 'tagged'")
 
 
 def _train(size: str, out: Path, log=print) -> None:

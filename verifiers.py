@@ -185,6 +185,16 @@ class Grader:
 # ----------------------------------------------------------------------------------------------------------
 # 2. Code verifier: the completion's last Python block against the problem's tests, in a sandboxed subprocess
 # ----------------------------------------------------------------------------------------------------------
+def grade_each(verify: dict, kinds: list[str], completions: list[str], golds: list) -> list[float]:
+    """Rewards of a batch whose rows need different verifiers: row i graded by `verify[kinds[i]]`, one call per kind."""
+    out = [0.0] * len(completions)
+    for kind in set(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        for i, r in zip(idx, verify[kind]([completions[i] for i in idx], [golds[i] for i in idx])):
+            out[i] = r
+    return out
+
+
 def last_code_block(text: str) -> str | None:
     """The last fenced block tagged python/py/python3, else the last untagged fenced block, else None."""
     blocks = re.findall(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", text, flags=re.S)

@@ -1,12 +1,15 @@
-"""The CoPD toy study: CoPD against mixed RLVR, the two experts (and their plain merge) and static OPD in both
-directions, at matched total steps, over seeds, scored on both task families; with the branch-overlap curves.
+"""The CoPD toy study: CoPD against mixed RLVR, the two experts (and their plain merge), static OPD in both
+directions and MOPD, at matched total steps, over seeds, scored on both task families; with the branch-overlap curves.
 
-    python bench/copd_study.py --seeds 0 1 2 --jobs 3            # then paste bench/out/copd_study/table.md
+    python bench/copd_study.py --seeds 0 1 2 --jobs 2            # the tiny preset (tiny:habits on add and lin)
+    python bench/copd_study.py --seeds 0 1 2 --jobs 2 --name copd_formats -- \
+        --model tiny:formats --verifiers math math_tag --eval-verifiers math math_tag    # the interference world
 
-Every run is `copd.py --preset tiny --mode ...` (T = 40 steps per branch); runs go to bench/out/copd_study/<config>-s<seed>/
-and a finished run is reused. The table (markdown, mean ± std over seeds of held-out avg@4 at T = 1, 128 problems per
-family) goes to bench/out/copd_study/table.md, the raw numbers to results.json, and the figure (top-10 overlap and
-symmetric KL between the two branches over training, mean ± std) to bench/copd_overlap.png.
+Every run is `copd.py --preset tiny --mode ... <flags after -->` (T = 40 steps per branch); runs go to
+bench/out/<name>/<config>-s<seed>/ and a finished run is reused. The table (markdown, mean ± std over seeds of held-out
+avg@4 at T = 1, 128 problems per family, and CoPD's merged model minus each row, paired by seed) goes to
+bench/out/<name>/table.md, the raw numbers to results.json, and the figure (top-10 overlap and symmetric KL between
+the two branches over training, mean ± std) to bench/copd_overlap.png (bench/<name>_overlap.png for another --name).
 """
 
 import argparse
@@ -25,20 +28,21 @@ CONFIGS = {  # name -> flags; T per branch is the tiny preset's 40 steps
     "mixed": ["--mode", "mixed"],
     "static_add_to_lin": ["--mode", "static_opd", "--static-student", "1"],
     "static_lin_to_add": ["--mode", "static_opd", "--static-student", "0"],
+    "mopd": ["--mode", "mopd"],
 }
 ROWS = [  # (label, config, tag of the evaluated model, whether it is the step-0 base)
-    ("base π_0 (`tiny:habits`)", "copd", "", True),
+    ("base π_0 (`{model}`)", "copd", "", True),
     ("expert `add` (GRPO on add)", "experts", "branch0", False),
     ("expert `lin` (GRPO on lin)", "experts", "branch1", False),
     ("experts, merged (uniform average)", "experts", "", False),
     ("mixed RLVR (one model, add ∪ lin)", "mixed", "", False),
     ("static OPD add → lin (student: lin expert)", "static_add_to_lin", "", False),
     ("static OPD lin → add (student: add expert)", "static_lin_to_add", "", False),
+    ("MOPD (π_0 learns from both frozen experts)", "mopd", "", False),
     ("CoPD branch `add`, unmerged", "copd", "branch0", False),
     ("CoPD branch `lin`, unmerged", "copd", "branch1", False),
     ("**CoPD, merged**", "copd", "", False),
 ]
-BENCHES = ("tiny_add", "tiny_lin")
 
 
 def read(path: Path) -> list[dict]:
@@ -69,8 +73,9 @@ def run_all(study: Path, seeds: list[int], jobs: int, extra: list[str]) -> None:
                 print(f"{c} seed {s}: done in {time.time() - t0:.0f}s", flush=True)
 
 
-def fmt(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+def fmt(xs: list[float], sign: bool = False) -> str:
+    m = f"{statistics.mean(xs):+.3f}" if sign else f"{statistics.mean(xs):.3f}"
+    return f"{m} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else m
 
 
 def accuracy(run: Path, tag: str, base: bool) -> dict:
@@ -80,18 +85,27 @@ def accuracy(run: Path, tag: str, base: bool) -> dict:
 
 
 def table(study: Path, seeds: list[int]) -> tuple[str, dict]:
-    lines = ["| model | optimizer steps | tiny_add | tiny_lin | mean of both |", "|---|---|---|---|---|"]
+    benches = sorted(accuracy(study / f"copd-s{seeds[0]}", "", False))
+    lines = [f"| model | optimizer steps | {' | '.join(benches)} | mean of all | CoPD merged minus this (paired) |",
+             "|" + "---|" * (4 + len(benches))]
     raw = {}
+
+    def mean_all(a: dict) -> float:
+        return sum(a[b] for b in benches) / len(benches)
+
+    copd_mean = [mean_all(accuracy(study / f"copd-s{s}", "", False)) for s in seeds]
     for label, c, tag, base in ROWS:
         accs = [accuracy(study / f"{c}-s{s}", tag, base) for s in seeds]
         cfg = json.loads((study / f"{c}-s{seeds[0]}" / "config.json").read_text())["args"]
         T = cfg["total_steps"]
-        steps = {"copd": f"2 × {T}", "experts": f"{T}" if tag else f"2 × {T}", "mixed": f"{2 * T}"}.get(
-            c, f"2 × {T} + {round(T * cfg['s_opd'] / (cfg['s_rl'] + cfg['s_opd']))}")
+        steps = {"copd": f"2 × {T}", "experts": f"{T}" if tag else f"2 × {T}", "mixed": f"{2 * T}",
+                 "mopd": f"2 × {T} + {T}"}.get(c, f"2 × {T} + {round(T * cfg['s_opd'] / (cfg['s_rl'] + cfg['s_opd']))}")
+        label = label.format(model=cfg["model"])
         raw[label] = accs
-        cells = [fmt([a[b] for a in accs]) for b in BENCHES]
+        cells = [fmt([a[b] for a in accs]) for b in benches]
+        paired = "-" if (c, tag, base) == ("copd", "", False) else fmt([x - mean_all(a) for x, a in zip(copd_mean, accs)], sign=True)
         lines.append(f"| {label} | {'0' if base else steps} | " + " | ".join(cells) +
-                     f" | {fmt([sum(a[b] for b in BENCHES) / len(BENCHES) for a in accs])} |")
+                     f" | {fmt([mean_all(a) for a in accs])} | {paired} |")
     return "\n".join(lines), raw
 
 
@@ -142,9 +156,11 @@ def main() -> None:
     t0 = time.time()
     run_all(study, a.seeds, a.jobs, a.extra)
     md, raw = table(study, a.seeds)
-    final = overlap_figure(study, a.seeds, ROOT / "bench" / "copd_overlap.png")
+    figure = ROOT / "bench" / ("copd_overlap.png" if a.name == "copd_study" else f"{a.name}_overlap.png")
+    final = overlap_figure(study, a.seeds, figure)
     diag = "\n".join(f"- {k}: {fmt(v)}" for k, v in final.items())
-    text = (f"`python bench/copd_study.py --seeds {' '.join(map(str, a.seeds))}`"
+    name = "" if a.name == "copd_study" else f" --name {a.name}"
+    text = (f"`python bench/copd_study.py --seeds {' '.join(map(str, a.seeds))}{name}`"
             f"{' -- ' + ' '.join(a.extra) if a.extra else ''}, {time.time() - t0:.0f}s\n\n{md}\n\n"
             f"Branch divergence at the end of training (mean ± std over seeds):\n{diag}\n")
     (study / "table.md").write_text(text)

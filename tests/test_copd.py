@@ -10,6 +10,7 @@ import torch
 import cli
 import common
 import copd
+import tiny
 from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--s-rl", "1", "--s-opd", "1", "--prompts-per-step", "4",
@@ -35,10 +36,15 @@ def test_schedule_topology_and_batch_plan():
     assert [copd.phase_at(s, st) for s in (0, 9, 10, 13)] == ["rl", "rl", "static", "static"]
     assert copd.batch_plan(0, "static", 2, st) == [("cross", 1, 16)]
     assert {copd.phase_at(s, _args("--mode", "experts")) for s in range(20)} == {"rl"}
+    # MOPD: the K experts train, then a fresh student (model K) learns from all of them on all their datasets
+    mo = _args("--mode", "mopd", "--total-steps", "10", "--train-data", "tiny:add", "tiny:lin", "tiny:mul")
+    assert [copd.phase_at(s, mo) for s in (0, 9, 10, 19)] == ["rl", "rl", "static", "static"]
+    assert copd.students_at("rl", 3, mo) == [0, 1, 2] and copd.students_at("static", 3, mo) == [3]
+    assert copd.batch_plan(3, "static", 3, mo) == [("cross", 0, 5), ("cross", 1, 5), ("cross", 2, 5)]
+    assert copd.plan(mo, world=1).total == 20 and copd.plan(mo, world=1).n_models == 4
 
 
 def _tiny_pair():
-    import tiny
     tok = tiny.build_tokenizer()
     return tok, tiny.build_model("small", tok, seed=1).eval(), tiny.build_model("small", tok, seed=2).eval()
 
@@ -165,9 +171,10 @@ def test_end_to_end_torchrun_two_ranks_three_branches(tmp_path, warm):
 
 
 @pytest.mark.parametrize("mode,steps,tags", [("experts", 2, ["branch0", "branch1"]), ("mixed", 4, []),
-                                             ("static_opd", 3, ["branch0", "branch1"])])
+                                             ("static_opd", 3, ["branch0", "branch1"]),
+                                             ("mopd", 3, ["branch0", "branch1"])])
 def test_baseline_modes(tmp_path, warm, mode, steps, tags):
-    """Matched total steps: experts 2 × T, mixed K·T on one model, static_opd T per expert + T_opd."""
+    """Matched total steps: experts 2 × T, mixed K·T on one model, static_opd and mopd T per expert + T_opd."""
     out = tmp_path / mode
     run_script("copd.py", *SMOKE, "--total-steps", "2", "--mode", mode, "--static-opd-steps", "1", "--save-every", "0",
                "--output-dir", str(out))
@@ -180,6 +187,15 @@ def test_baseline_modes(tmp_path, warm, mode, steps, tags):
         for n, v in _load_sd(out / "final").items():
             torch.testing.assert_close(v, _load_sd(out / "branches/branch1")[n])
         assert any(not torch.equal(b0[n], v) for n, v in _load_sd(out / "final").items())
+    if mode == "mopd":  # only the student updates in the OPD stage; it starts at π_0 and ends away from all three
+        assert [r["phase"] for r in rows] == [0.0, 0.0, 2.0]
+        assert "branch2/kl_teacher" in rows[-1] and not any(k.startswith(("branch0/", "branch1/")) for k in rows[-1])
+        assert rows[-1]["branch2/cross_token_frac"] == 1.0 and "diag/sym_kl/2-0" in rows[-1]
+        base = _load_sd(tiny.warm_start("habits"))
+        final, experts = _load_sd(out / "final"), [_load_sd(out / f"branches/branch{k}") for k in (0, 1)]
+        assert not (out / "branches/branch2").exists()
+        for sd in (base, *experts):
+            assert any(not torch.equal(sd[n], v) for n, v in final.items())
     if mode == "mixed":
         assert not (out / "branches").exists() and all(r["phase"] == 0.0 for r in rows)
         assert "branch0/reward" in rows[0] and "branch1/reward" not in rows[0]
@@ -225,7 +241,8 @@ def test_resume_continues_exactly(tmp_path, warm):
 def test_bad_input_errors_are_clear(tmp_path, warm):
     cases = [
         (("--train-data", "tiny:add"), "needs K ≥ 2 datasets"),
-        (("--verifiers", "math", "python"), "verifiers 'math' or 'code'"),
+        (("--verifiers", "math", "python"), "verifiers 'math', 'math_tag' or 'code'"),
+        (("--eval-verifiers", "math"), "--eval-verifiers needs one verifier per --eval-data benchmark"),
         (("--beta", "1", "2", "3"), "--beta has 3 values for 2 branches"),
         (("--merge-weights", "1", "0", "0"), "--merge-weights has 3 values for 2 branches"),
         (("--cross-frac", "0"), "0 cross prompts of dataset 1, which must be a positive multiple of the world size"),
@@ -239,6 +256,7 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
             copd.plan(_args(*extra), world=2)
     assert copd.plan(_args(), world=2).total == 40
     assert copd.plan(_args("--mode", "static_opd"), world=2).total == 40 + 16   # T_opd = 40·4/10
+    assert copd.plan(_args("--mode", "mopd"), world=2).total == 40 + 40         # T_opd = T: the student starts at π_0
     # a bad flag in a real launch fails before any model is loaded, with the same message
     p = run_script("copd.py", "--preset", "tiny", "--beta", "1", "2", "3", "--output-dir", str(tmp_path / "x"),
                    check=False)

@@ -39,6 +39,18 @@ def test_answer_tag_mode():
     assert verifiers.tag_format_reward("</think></think>", ("</think>", "</answer>"), 0.25) == 0.0
 
 
+def test_grade_each_routes_every_row_to_its_own_verifier(grader):
+    """CoPD's interference world grades one branch on the box and the other on the answer tag: the same completions
+    must score by the verifier each row names, whatever the order of the rows."""
+    tagged = verifiers.Grader(workers=1, timeout_s=3.0, mode="answer_tag")
+    try:
+        texts = ["1+2=3. \\boxed{3}", "1+2=3. <answer>3</answer>", "1+2=3. <answer>3</answer>", "x. \\boxed{3}"]
+        kinds = ["math", "math", "math_tag", "math_tag"]
+        assert verifiers.grade_each({"math": grader, "math_tag": tagged}, kinds, texts, ["3"] * 4) == [1, 0, 1, 0]
+    finally:
+        tagged.close()
+
+
 TABLE = [
     # right
     ("The answer is \\boxed{42}.", "42", 1.0),
