@@ -511,7 +511,7 @@ def main(args: Args) -> None:
         for opt in opts:
             lr = runtime.set_lr(opt, step, args.lr, args.lr_warmup_steps)
         meter.set({"phase": {"rl": 0.0, "opd": 1.0, "static": 2.0}[phase], "lr": lr,
-                   "reward/grader_failures": verify["math"].take_failures()})
+                   "reward/grader_failures": sum(v.take_failures() for k, v in verify.items() if k != "code")})
 
         # --- rollout: every student samples its batch parts with its own weights; rewards graded in the background
         with meter.time("rollout"):
