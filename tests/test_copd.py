@@ -11,6 +11,7 @@ import cli
 import common
 import copd
 import tiny
+import verifiers
 from conftest import finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--s-rl", "1", "--s-opd", "1", "--prompts-per-step", "4",
@@ -42,6 +43,21 @@ def test_schedule_topology_and_batch_plan():
     assert copd.students_at("rl", 3, mo) == [0, 1, 2] and copd.students_at("static", 3, mo) == [3]
     assert copd.batch_plan(3, "static", 3, mo) == [("cross", 0, 5), ("cross", 1, 5), ("cross", 2, 5)]
     assert copd.plan(mo, world=1).total == 20 and copd.plan(mo, world=1).n_models == 4
+
+
+def test_interference_world_targets_are_boxed_or_tagged_and_each_verifier_takes_one():
+    """tiny:formats' warm-start targets: the worked solution with its answer boxed, or tagged instead (below the
+    habit's share); the `add` branch's verifier (boxed) reads only the first, the `lin` branch's (math_tag) the second."""
+    size = tiny.SIZES["formats"]
+    for fam in ("add", "lin"):
+        row = tiny.make_split(fam, "train", 1, seed=0)[0]
+        tagged, boxed = tiny._target(size, row, 0.2), tiny._target(size, row, 0.8)
+        assert boxed == row["solution"] and tagged.endswith(f"<answer>{row['answer']}</answer>")
+        assert tagged.split(" <answer>")[0] == row["solution"].rsplit(" \\boxed{", 1)[0]
+        assert verifiers.extract_answer(boxed, "boxed") == row["answer"] and verifiers.extract_answer(tagged) is None
+        assert verifiers.extract_answer(tagged, "answer_tag") == row["answer"]
+        assert verifiers.extract_answer(boxed, "answer_tag") is None
+    assert tiny._target(size, tiny.make_split("mul", "train", 1, seed=0)[0], 0.2).endswith("}")  # mul: no habit
 
 
 def _tiny_pair():
