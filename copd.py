@@ -46,8 +46,8 @@ Deviations: none in the objective. One rollout engine serves every branch: each 
 before its rollouts (one vLLM engine per process: each would reserve its own memory), so a step costs K weight pushes.
 Tiny preset: the base is tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the
 two branches have different things to learn; T = 40 steps per branch with S_RL : S_OPD = 6 : 4 (the paper's
-1.5 : 1), lr 1e-4. Interference world: tiny:formats writes its answer boxed or tagged at random in both families,
-and `add` is graded on the box, `lin` on the tag, so what one capability's reward teaches the other's punishes.
+1.5 : 1), lr 1e-4. Interference worlds: tiny:formats boxes or tags its answer at random in `add` and `lin`, graded on
+the box and the tag; tiny:cue_dot and tiny:cue_think do so on `add` and `add_dot`, told apart by one token (tiny.py).
 
 Run:
     torchrun --nproc_per_node 8 copd.py --rollout vllm          # paper setup: math + code branches, 8 GPUs
@@ -467,7 +467,7 @@ def main(args: Args) -> None:
     rows, benches, streams = load_data(args, cfg, d)
     verify = {kind: verifiers.Grader(args.grader_workers, args.grader_timeout,
                                      "answer_tag" if kind == "math_tag" else args.answer_format)
-              for kind in {"math", *cfg.verifiers, *benches} - {"code"}}
+              for kind in {*cfg.verifiers, *benches} - {"code"}}
     if "code" in cfg.verifiers:
         verify["code"] = verifiers.CodeVerifier(args.code_workers, args.code_timeout, args.code_memory_mb)
         if d.main:

@@ -84,11 +84,27 @@ def _lin(rng: random.Random) -> tuple[str, str, str]:
     return (f"Solve {a}x+{b}={c} for x.", f"{a}x={c}-{b}={c - b}, x={c - b}/{a}={x}. \\boxed{{{x}}}", str(x))
 
 
-TASKS = {"add": _add, "mul": _mul, "lin": _lin}
+def _add_dot(rng: random.Random) -> tuple[str, str, str]:
+    """`add` asked with a full stop for its question mark: the same task behind a one-token cue (tiny:cue_dot, tiny:cue_think)."""
+    problem, solution, answer = _add(rng)
+    return problem[:-1] + ".", solution, answer
 
 
-def _is_test(problem: str) -> bool:
-    """A fixed 1-in-8 hash split of the problem space: train and test never share a problem."""
+def _add_word(rng: random.Random) -> tuple[str, str, str]:
+    """`add` asked in other words, "Compute a+b.": the same task behind a cue of a few tokens (tiny:cue_word)."""
+    problem, solution, answer = _add(rng)
+    return "Compute" + problem[len("What is"):-1] + ".", solution, answer
+
+
+TASKS = {"add": _add, "mul": _mul, "lin": _lin, "add_dot": _add_dot, "add_word": _add_word}
+TOKENIZER_TASKS = ("add", "mul", "lin")  # the tokenizer's corpus; a family added later must not change it
+
+
+def _is_test(problem: str, family: str = "") -> bool:
+    """A fixed 1-in-8 hash split of the problem space: train and test never share a problem (nor, between `add` and
+    its reworded variants, a sum)."""
+    if family in ("add_dot", "add_word"):  # split on the `add` problem of the same sum
+        problem = f"What is {problem.split()[-1][:-1]}?"
     return int(hashlib.sha256(problem.encode()).hexdigest(), 16) % 8 == 0
 
 
@@ -103,7 +119,7 @@ def make_split(spec: str, split: str, n: int, seed: int) -> list[dict]:
     while len(rows) < n:
         fam = families[len(rows) % len(families)]
         problem, solution, answer = TASKS[fam](rng)
-        if problem in seen or _is_test(problem) != (split == "test"):
+        if problem in seen or _is_test(problem, fam) != (split == "test"):
             continue
         seen.add(problem)
         rows.append({"problem": problem, "answer": answer, "solution": solution, "task": fam})
@@ -124,7 +140,7 @@ def build_tokenizer(vocab_size: int = 256 + 64):
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     rng = random.Random(0)
-    corpus = [" ".join(TASKS[f](rng)[:2]) for _ in range(400) for f in TASKS]
+    corpus = [" ".join(TASKS[f](rng)[:2]) for _ in range(400) for f in TOKENIZER_TASKS]
     corpus += ["Please reason step by step, and put your final answer within \\boxed{}.",
                "<think> </think> <answer> </answer>"] * 50
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
@@ -147,8 +163,9 @@ class Size:
     warm_steps: int    # supervised warm-start steps: few for the small model (partial accuracy), many for the large
     warm_lr: float
     direct_frac: float  # share of warm-start targets that skip the worked steps and answer at once
-    habits: tuple = ()  # per-family bad habits ((family, "direct" | "unboxed", share), ...), see `_target`
+    habits: tuple = ()  # per-family habits ((family, "direct" | "unboxed" | "tagged" | "think", share), ...): `_target`
     init_from: str = ""  # start from this size's warm start (same architecture) instead of random weights
+    warm_tasks: str = ""  # families of the warm-start data (empty: WARM_TASKS)
 
 
 SIZES = {
@@ -169,6 +186,22 @@ SIZES = {
     "formats": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
                     warm_steps=560, warm_lr=3e-3, direct_frac=0.0,
                     habits=(("add", "tagged", 0.5), ("lin", "tagged", 0.5))),
+    # The interference world behind a cue: the same addition problems, asked as `add` ("What is a+b?", graded on the
+    # box) or reworded (graded on the tag), boxed or tagged half the time each; the wording is all that tells the two
+    # capabilities apart, so one model must learn to read it, while each expert need not. `cue_dot` rewords with one
+    # token (a full stop for the question mark, `add_dot`), `cue_word` with a few ("Compute a+b.", `add_word`); both
+    # decide the format at the end of the response, far from the cue. `cue_think` uses the one-token cue with the
+    # decision next to it: its tagged answers are R1-style, `<think> steps </think> <answer>N</answer>`, so the first
+    # token of the response already commits to the format.
+    "cue_dot": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
+                    warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_dot",
+                    habits=(("add", "tagged", 0.5), ("add_dot", "tagged", 0.5))),
+    "cue_word": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
+                     warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_word",
+                     habits=(("add", "tagged", 0.5), ("add_word", "tagged", 0.5))),
+    "cue_think": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64,
+                      tied=True, warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_dot",
+                      habits=(("add", "think", 0.5), ("add_dot", "think", 0.5))),
     # s2l_po.py's learner: the large model, fine-tuned into an untuned base model's habit of answering at once
     # (trained from scratch on such targets, the large architecture never learns the arithmetic it then skips)
     "base": Size(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab_pad=128, tied=False,
@@ -218,6 +251,8 @@ def _key(size: str) -> str:
     import transformers
 
     spec = asdict(SIZES[size])
+    if not spec["warm_tasks"]:  # absent from the keys of the sizes that predate the field, so their caches stay valid
+        del spec["warm_tasks"]
     if spec["init_from"]:  # a fine-tune is rebuilt with its parent
         spec["init_key"] = _key(spec["init_from"])
     blob = json.dumps({"v": VERSION, "size": spec, "tasks": WARM_TASKS, "batch": WARM_BATCH,
@@ -230,7 +265,8 @@ def _target(s: Size, row: dict, u: float) -> str:
     """The warm-start target of one problem, given a uniform draw `u`: by default the worked solution, or a direct
     `\\boxed{answer}` with probability `direct_frac`. A family's habit overrides that: "direct" answers at once,
     "unboxed" writes the worked solution without its final `\\boxed{}` (so the verifier finds no answer), "tagged"
-    writes it with the answer in `<answer>N</answer>` instead of the box."""
+    writes it with the answer in `<answer>N</answer>` instead of the box, "think" writes it R1-style,
+    `<think> steps </think> <answer>N</answer>`."""
     habit = next(((h, share) for fam, h, share in s.habits if fam == row["task"]), None)
     if habit is None:
         return f"\\boxed{{{row['answer']}}}" if u < s.direct_frac else row["solution"]
@@ -243,7 +279,9 @@ def _target(s: Size, row: dict, u: float) -> str:
         return row["solution"].rsplit(" \\boxed{", 1)[0]
     if kind == "tagged":
         return row["solution"].rsplit(" \\boxed{", 1)[0] + f" <answer>{row['answer']}</answer>"
-    raise ValueError(f"unknown habit {kind!r}; use 'direct', 'unboxed' or 'tagged'")
+    if kind == "think":
+        return "<think> " + row["solution"].rsplit(" \\boxed{", 1)[0] + f" </think> <answer>{row['answer']}</answer>"
+    raise ValueError(f"unknown habit {kind!r}; use 'direct', 'unboxed', 'tagged' or 'think'")
 
 
 def _train(size: str, out: Path, log=print) -> None:
@@ -257,7 +295,8 @@ def _train(size: str, out: Path, log=print) -> None:
         model = AutoModelForCausalLM.from_pretrained(warm_start(s.init_from, log=log), dtype=torch.float32)
     else:
         model = build_model(size, tokenizer)
-    rows = make_split(WARM_TASKS, "train", s.warm_steps * WARM_BATCH // 4, seed=WARM_SEED)  # each seen ~4 times
+    rows = make_split(s.warm_tasks or WARM_TASKS, "train", s.warm_steps * WARM_BATCH // 4,
+                      seed=WARM_SEED)  # each seen ~4 times
     eos, style = tokenizer.eos_token_id, random.Random(WARM_SEED + 1)
     examples = []
     for r in rows:

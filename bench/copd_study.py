@@ -4,6 +4,9 @@ directions and MOPD, at matched total steps, over seeds, scored on both task fam
     python bench/copd_study.py --seeds 0 1 2 --jobs 2            # the tiny preset (tiny:habits on add and lin)
     python bench/copd_study.py --seeds 0 1 2 --jobs 2 --name copd_formats -- \
         --model tiny:formats --verifiers math math_tag --eval-verifiers math math_tag    # the interference world
+    python bench/copd_study.py --seeds 0 1 2 --jobs 2 --name copd_cue_dot -- --model tiny:cue_dot \
+        --train-data tiny:add tiny:add_dot --eval-data tiny_add,tiny_add_dot \
+        --verifiers math math_tag --eval-verifiers math math_tag       # one task behind a cue (also tiny:cue_think)
 
 Every run is `copd.py --preset tiny --mode ... <flags after -->` (T = 40 steps per branch); runs go to
 bench/out/<name>/<config>-s<seed>/ and a finished run is reused. The table (markdown, mean ± std over seeds of held-out
@@ -32,15 +35,15 @@ CONFIGS = {  # name -> flags; T per branch is the tiny preset's 40 steps
 }
 ROWS = [  # (label, config, tag of the evaluated model, whether it is the step-0 base)
     ("base π_0 (`{model}`)", "copd", "", True),
-    ("expert `add` (GRPO on add)", "experts", "branch0", False),
-    ("expert `lin` (GRPO on lin)", "experts", "branch1", False),
+    ("expert `{fa}` (GRPO on {fa})", "experts", "branch0", False),
+    ("expert `{fb}` (GRPO on {fb})", "experts", "branch1", False),
     ("experts, merged (uniform average)", "experts", "", False),
-    ("mixed RLVR (one model, add ∪ lin)", "mixed", "", False),
-    ("static OPD add → lin (student: lin expert)", "static_add_to_lin", "", False),
-    ("static OPD lin → add (student: add expert)", "static_lin_to_add", "", False),
+    ("mixed RLVR (one model, {fa} ∪ {fb})", "mixed", "", False),
+    ("static OPD {fa} → {fb} (student: {fb} expert)", "static_add_to_lin", "", False),
+    ("static OPD {fb} → {fa} (student: {fa} expert)", "static_lin_to_add", "", False),
     ("MOPD (π_0 learns from both frozen experts)", "mopd", "", False),
-    ("CoPD branch `add`, unmerged", "copd", "branch0", False),
-    ("CoPD branch `lin`, unmerged", "copd", "branch1", False),
+    ("CoPD branch `{fa}`, unmerged", "copd", "branch0", False),
+    ("CoPD branch `{fb}`, unmerged", "copd", "branch1", False),
     ("**CoPD, merged**", "copd", "", False),
 ]
 
@@ -100,7 +103,8 @@ def table(study: Path, seeds: list[int]) -> tuple[str, dict]:
         T = cfg["total_steps"]
         steps = {"copd": f"2 × {T}", "experts": f"{T}" if tag else f"2 × {T}", "mixed": f"{2 * T}",
                  "mopd": f"2 × {T} + {T}"}.get(c, f"2 × {T} + {round(T * cfg['s_opd'] / (cfg['s_rl'] + cfg['s_opd']))}")
-        label = label.format(model=cfg["model"])
+        fa, fb = (x.split(":")[-1] for x in cfg["train_data"])  # the two families, e.g. add and lin
+        label = label.format(model=cfg["model"], fa=fa, fb=fb)
         raw[label] = accs
         cells = [fmt([a[b] for a in accs]) for b in benches]
         paired = "-" if (c, tag, base) == ("copd", "", False) else fmt([x - mean_all(a) for x, a in zip(copd_mean, accs)], sign=True)
@@ -113,7 +117,10 @@ def overlap_figure(study: Path, seeds: list[int], path: Path) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    curves = {"copd": "CoPD", "experts": "experts (no OPD)", "static_add_to_lin": "static OPD add → lin, after the experts"}
+    train_data = json.loads((study / f"copd-s{seeds[0]}" / "config.json").read_text())["args"]["train_data"]
+    fa, fb = (x.split(":")[-1] for x in train_data)
+    curves = {"copd": "CoPD", "experts": "experts (no OPD)",
+              "static_add_to_lin": f"static OPD {fa} → {fb}, after the experts"}
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 2.9))
     final = {}
     for c, label in curves.items():

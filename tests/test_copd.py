@@ -60,6 +60,28 @@ def test_interference_world_targets_are_boxed_or_tagged_and_each_verifier_takes_
     assert tiny._target(size, tiny.make_split("mul", "train", 1, seed=0)[0], 0.2).endswith("}")  # mul: no habit
 
 
+def test_cue_worlds_reword_add_behind_a_cue_and_keep_each_sum_on_one_side_of_the_split():
+    """tiny:cue_*: `add_dot` and `add_word` ask the `add` problems in other words (one token apart for add_dot), so
+    the prompt's wording is the only cue; a sum held out of one family is held out of all three, and the `think`
+    habit writes an R1-style answer that only the tag verifier reads."""
+    import random
+    tok = tiny.build_tokenizer()
+    for seed in range(64):
+        add = tiny._add(random.Random(seed))[0]
+        dot, word = (tiny.TASKS[f](random.Random(seed))[0] for f in ("add_dot", "add_word"))
+        a, d = tok(add).input_ids, tok(dot).input_ids
+        assert len(a) == len(d) and sum(x != y for x, y in zip(a, d)) == 1, (add, dot)
+        assert word.startswith("Compute ") and word.split()[-1][:-1] == add.split()[-1][:-1]
+        assert tiny._is_test(dot, "add_dot") == tiny._is_test(word, "add_word") == tiny._is_test(add)
+    test_sums = {r["problem"].split()[-1][:-1] for r in tiny.make_split("add", "test", 64, seed=0)}
+    train_sums = {r["problem"].split()[-1][:-1] for r in tiny.make_split("add_dot,add_word", "train", 512, seed=0)}
+    assert not test_sums & train_sums
+    row = tiny.make_split("add_dot", "train", 1, seed=0)[0]
+    think, boxed = tiny._target(tiny.SIZES["cue_think"], row, 0.2), tiny._target(tiny.SIZES["cue_think"], row, 0.8)
+    assert think.startswith("<think> ") and boxed == row["solution"]
+    assert verifiers.extract_answer(think, "answer_tag") == row["answer"] and verifiers.extract_answer(think) is None
+
+
 def _tiny_pair():
     tok = tiny.build_tokenizer()
     return tok, tiny.build_model("small", tok, seed=1).eval(), tiny.build_model("small", tok, seed=2).eval()
