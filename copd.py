@@ -47,7 +47,7 @@ before its rollouts (one vLLM engine per process: each would reserve its own mem
 Tiny preset: the base is tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the
 two branches have different things to learn; T = 40 steps per branch with S_RL : S_OPD = 6 : 4 (the paper's
 1.5 : 1), lr 1e-4. Interference worlds: tiny:formats boxes or tags its answer at random in `add` and `lin`, graded on
-the box and the tag; tiny:cue_dot and tiny:cue_think do so on `add` and `add_dot`, told apart by one token (tiny.py).
+the box and the tag; tiny:cue_* do so on `add` and a rewording of it, told apart only by the wording (tiny.py).
 
 Run:
     torchrun --nproc_per_node 8 copd.py --rollout vllm          # paper setup: math + code branches, 8 GPUs
