@@ -182,9 +182,6 @@ class Grader:
                     del busy[w]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. Code verifier: the completion's last Python block against the problem's tests, in a sandboxed subprocess
-# ----------------------------------------------------------------------------------------------------------
 def grade_each(verify: dict, kinds: list[str], completions: list[str], golds: list) -> list[float]:
     """Rewards of a batch whose rows need different verifiers: row i graded by `verify[kinds[i]]`, one call per kind."""
     out = [0.0] * len(completions)
@@ -195,6 +192,9 @@ def grade_each(verify: dict, kinds: list[str], completions: list[str], golds: li
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 2. Code verifier: the completion's last Python block against the problem's tests, in a sandboxed subprocess
+# ----------------------------------------------------------------------------------------------------------
 def last_code_block(text: str) -> str | None:
     """The last fenced block tagged python/py/python3, else the last untagged fenced block, else None."""
     blocks = re.findall(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", text, flags=re.S)

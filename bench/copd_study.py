@@ -76,6 +76,12 @@ def run_all(study: Path, seeds: list[int], jobs: int, extra: list[str]) -> None:
                 print(f"{c} seed {s}: done in {time.time() - t0:.0f}s", flush=True)
 
 
+def families(cfg: dict) -> tuple[str, str]:
+    """The two task families of a run's config, e.g. add and lin (tiny:add, tiny:lin)."""
+    fa, fb = (x.split(":")[-1] for x in cfg["train_data"])
+    return fa, fb
+
+
 def fmt(xs: list[float], sign: bool = False) -> str:
     m = f"{statistics.mean(xs):+.3f}" if sign else f"{statistics.mean(xs):.3f}"
     return f"{m} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else m
@@ -103,7 +109,7 @@ def table(study: Path, seeds: list[int]) -> tuple[str, dict]:
         T = cfg["total_steps"]
         steps = {"copd": f"2 × {T}", "experts": f"{T}" if tag else f"2 × {T}", "mixed": f"{2 * T}",
                  "mopd": f"2 × {T} + {T}"}.get(c, f"2 × {T} + {round(T * cfg['s_opd'] / (cfg['s_rl'] + cfg['s_opd']))}")
-        fa, fb = (x.split(":")[-1] for x in cfg["train_data"])  # the two families, e.g. add and lin
+        fa, fb = families(cfg)
         label = label.format(model=cfg["model"], fa=fa, fb=fb)
         raw[label] = accs
         cells = [fmt([a[b] for a in accs]) for b in benches]
@@ -117,8 +123,7 @@ def overlap_figure(study: Path, seeds: list[int], path: Path) -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    train_data = json.loads((study / f"copd-s{seeds[0]}" / "config.json").read_text())["args"]["train_data"]
-    fa, fb = (x.split(":")[-1] for x in train_data)
+    fa, fb = families(json.loads((study / f"copd-s{seeds[0]}" / "config.json").read_text())["args"])
     curves = {"copd": "CoPD", "experts": "experts (no OPD)",
               "static_add_to_lin": f"static OPD {fa} → {fb}, after the experts"}
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 2.9))
