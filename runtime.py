@@ -131,7 +131,9 @@ def start(args, script: str, run_dir: str = ""):
     out = Path(run_dir or args.output_dir) if run_dir or args.output_dir else ckpt.parent.parent if ckpt else \
         default_output_dir(script, args.preset, d)
     if not resume:
-        held = broadcast_object(d.main and any((out / n).exists() for n in ("metrics.jsonl", "checkpoints")), d)
+        # any log counts: a run that died in its first evaluation, or an evaluate.py run, leaves only eval.jsonl
+        logs = ("metrics.jsonl", "eval.jsonl", "samples.jsonl", "checkpoints")
+        held = broadcast_object(d.main and any((out / n).exists() for n in logs), d)
         if held and not getattr(args, "overwrite", False):
             raise SystemExit(f"--output-dir {out} already holds a run: continue it with --resume {out}, choose "
                              f"another --output-dir, or add --overwrite to delete it first")

@@ -296,6 +296,15 @@ def stage_done(out: Path, stage: str) -> Path:
     return out / f"stage_{stage}.json"
 
 
+def mark_done(out: Path, stage: str, summary: dict, d) -> None:
+    """Write stage_<s>.json atomically, after the stage's model is saved: --resume reads it as a finished stage."""
+    if d.main:
+        tmp = stage_done(out, stage).with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, stage_done(out, stage))
+    runtime.barrier()
+
+
 def resume_point(args: Args, out: Path, stages: list[str]):
     """(number of stages already complete, checkpoint inside the next stage or None) of the run to resume."""
     p = Path(args.resume)
@@ -500,15 +509,11 @@ def main(args: Args) -> None:
         # --- end of stage: evaluate, write the HF model the next stage reads, then mark the stage done
         res = run_eval(model, role, offset[stage] + n_steps)
         runtime.save_hf(model, toks[role], out / f"stage_{stage}", d)
-        if d.main:
-            summary = {"stage": stage, "trained": role, "init": src[stage][role], "rollouts_from": gen_role,
-                       "problems": len(data[stage]), "teacher": src[stage]["teacher"] if teacher is not None else None,
-                       "steps": [offset[stage], offset[stage] + n_steps], "output": str(out / f"stage_{stage}"),
-                       "eval": res}
-            tmp = stage_done(out, stage).with_suffix(".tmp")
-            tmp.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp, stage_done(out, stage))
-        runtime.barrier()
+        mark_done(out, stage, {"stage": stage, "trained": role, "init": src[stage][role], "rollouts_from": gen_role,
+                               "problems": len(data[stage]),
+                               "teacher": src[stage]["teacher"] if teacher is not None else None,
+                               "steps": [offset[stage], offset[stage] + n_steps],
+                               "output": str(out / f"stage_{stage}"), "eval": res}, d)
         ckpt = None
         del model, teacher, opt
         gc.collect()

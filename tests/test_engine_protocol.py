@@ -21,6 +21,7 @@ class ForgetfulEngine:
 
     def __init__(self, inner):
         self.inner, self.has_weights, self.pushes, self.sleeps, self.generates = inner, False, 0, 0, 0
+        self.holds = None
 
     def load_weights(self, named_tensors) -> None:
         self.inner.load_weights(named_tensors)

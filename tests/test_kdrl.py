@@ -176,6 +176,18 @@ def test_resume_from_a_truncated_or_mismatched_checkpoint_names_the_problem(tmp_
     assert shard.name in p.stderr
 
 
+@pytest.mark.parametrize("leftover", ["eval.jsonl", "samples.jsonl"])
+def test_a_directory_holding_only_evaluations_is_refused(tmp_path, leftover):
+    """A run that died in its first evaluation, or an evaluate.py run, leaves eval.jsonl without metrics.jsonl: a new
+    run there would append its rows to the old ones, so it is refused like any used directory."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / leftover).write_text('{"step": 0}\n')
+    p = run_script("kdrl.py", "--preset", "tiny", "--output-dir", str(run), check=False)
+    assert p.returncode != 0 and f"--output-dir {run} already holds a run" in p.stderr
+    assert (run / leftover).read_text() == '{"step": 0}\n'
+
+
 def test_resume_restores_the_run_and_a_used_output_dir_is_refused(tmp_path, warm):
     """`--resume RUN` alone continues RUN with its own arguments (it used to fall back to the paper's 7B preset),
     keeps its config.json, and refuses a flag that would change what it computes; a new run into a directory that
