@@ -394,9 +394,9 @@ def main(args: Args) -> None:
 
     def run_eval(step: int) -> None:
         for name, eng in (("", engine), ("large", large_engine)):
-            if name == "large" and (not args.eval_large or (not args.train_large and large_engine.holds)):
-                continue  # a frozen large model is evaluated once
             if name == "large":
+                if not args.eval_large or (not args.train_large and large_engine.holds):
+                    continue  # a frozen large model is evaluated once
                 sync_large(step)
             res = engines.evaluate(eng, tok, benches, grader, args.prompt_template, args.eval_samples, eval_sampling,
                                    [1, 4, 8, 16, 32], d, args.seed, args.max_prompt_tokens, args.chat_template)
