@@ -168,23 +168,23 @@ class Size:
     warm_tasks: str = ""  # families of the warm-start data (empty: WARM_TASKS)
 
 
+# the two architectures; every size is one of them, with its own warm start
+SMALL_ARCH = dict(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True)
+LARGE_ARCH = dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab_pad=128, tied=False)
+
 SIZES = {
-    "small": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
-                  warm_steps=560, warm_lr=3e-3, direct_frac=0.3),
-    "large": Size(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab_pad=128, tied=False,
-                  warm_steps=600, warm_lr=3e-3, direct_frac=0.0),
+    "small": Size(**SMALL_ARCH, warm_steps=560, warm_lr=3e-3, direct_frac=0.3),
+    "large": Size(**LARGE_ARCH, warm_steps=600, warm_lr=3e-3, direct_frac=0.0),
     # The small architecture with a *different* bad habit in each of two families, so that what RL fixes in one
     # family is not what it fixes in the other (two capabilities, for co-training methods such as CoPD):
     # `add` answers at once 60% of the time, `lin` works the answer out but leaves it unboxed 60% of the time.
-    "habits": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
-                   warm_steps=560, warm_lr=3e-3, direct_frac=0.0,
+    "habits": Size(**SMALL_ARCH, warm_steps=560, warm_lr=3e-3, direct_frac=0.0,
                    habits=(("add", "direct", 0.6), ("lin", "unboxed", 0.6))),
     # Two capabilities that compete for one behaviour, for CoPD's interference world: the small architecture writes
     # its final answer as `\\boxed{N}` or as `<answer>N</answer>` half the time each, in both families; the `add`
     # branch is graded on the box and the `lin` branch on the tag (copd.py --verifiers math math_tag), so what RL on
     # one family rewards is what RL on the other punishes, unless the model learns to tell the two apart.
-    "formats": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
-                    warm_steps=560, warm_lr=3e-3, direct_frac=0.0,
+    "formats": Size(**SMALL_ARCH, warm_steps=560, warm_lr=3e-3, direct_frac=0.0,
                     habits=(("add", "tagged", 0.5), ("lin", "tagged", 0.5))),
     # The interference world behind a cue: the same addition problems, asked as `add` ("What is a+b?", graded on the
     # box) or reworded (graded on the tag), boxed or tagged half the time each; the wording is all that tells the two
@@ -193,23 +193,18 @@ SIZES = {
     # decide the format at the end of the response, far from the cue. `cue_think` uses the one-token cue with the
     # decision next to it: its tagged answers are R1-style, `<think> steps </think> <answer>N</answer>`, so the first
     # token of the response already commits to the format.
-    "cue_dot": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
-                    warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_dot",
+    "cue_dot": Size(**SMALL_ARCH, warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_dot",
                     habits=(("add", "tagged", 0.5), ("add_dot", "tagged", 0.5))),
-    "cue_word": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64, tied=True,
-                     warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_word",
+    "cue_word": Size(**SMALL_ARCH, warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_word",
                      habits=(("add", "tagged", 0.5), ("add_word", "tagged", 0.5))),
-    "cue_think": Size(hidden=96, layers=3, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab_pad=64,
-                      tied=True, warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_dot",
+    "cue_think": Size(**SMALL_ARCH, warm_steps=560, warm_lr=3e-3, direct_frac=0.0, warm_tasks="add,add_dot",
                       habits=(("add", "think", 0.5), ("add_dot", "think", 0.5))),
     # s2l_po.py's learner: the large model, fine-tuned into an untuned base model's habit of answering at once
     # (trained from scratch on such targets, the large architecture never learns the arithmetic it then skips)
-    "base": Size(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab_pad=128, tied=False,
-                 warm_steps=200, warm_lr=1e-3, direct_frac=0.8, init_from="large"),
+    "base": Size(**LARGE_ARCH, warm_steps=200, warm_lr=1e-3, direct_frac=0.8, init_from="large"),
     # the same fine-tune, answering at once 98% of the time: its own samples rarely hold a worked (and so correct)
     # solution, the precondition of S2L-PO's explorer (bench/s2l_passk.py measures it)
-    "hasty": Size(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab_pad=128, tied=False,
-                  warm_steps=200, warm_lr=1e-3, direct_frac=0.98, init_from="large"),
+    "hasty": Size(**LARGE_ARCH, warm_steps=200, warm_lr=1e-3, direct_frac=0.98, init_from="large"),
 }
 WARM_TASKS = "add,mul,lin"
 WARM_BATCH = 64
