@@ -55,10 +55,67 @@ def findable_offline(name: str) -> bool:
         return False
 
 
+def longest(args, suffix: str) -> tuple[str, int]:
+    """(field, value) of the largest of the args' fields ending in `suffix` (a script may have several budgets)."""
+    name = max((f.name for f in dataclasses.fields(args) if f.name.endswith(suffix)), key=lambda n: getattr(args, n))
+    return name, getattr(args, name)
+
+
+def engine_length(args) -> int:
+    """The longest sequence a run samples or scores: its prompt budget plus its largest response budget (training
+    or evaluation); the vLLM engine's `max_model_len`."""
+    return longest(args, "max_prompt_tokens")[1] + longest(args, "max_new_tokens")[1]
+
+
+def max_positions(config) -> int | None:
+    """The context a model's config allows: max_position_embeddings, times the RoPE factor of the scalings that
+    stretch it (linear, dynamic), as vLLM derives the limit it enforces; None where the config names none."""
+    n = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_scaling", None) or {}
+    if n and rope.get("rope_type", rope.get("type")) in ("linear", "dynamic") and rope.get("factor"):
+        n = int(n * rope["factor"])
+    return n
+
+
+def model_config(name: str, field: str):
+    """A model's config (config.json only, no weights) from a folder, the hub cache or the hub, None for a `tiny:`
+    model (built here on first use); a model that cannot be reached is one ValueError naming the flag and the ways
+    out, after the hub library's own retries (at once with HF_HUB_OFFLINE=1)."""
+    if name.startswith("tiny:"):
+        return None
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ValueError(f"{flag(field)} {name!r} cannot be loaded ({why}). Give a local model folder, point HF_HOME at "
+                         f"a hub cache that holds it (with HF_HUB_OFFLINE=1 on machines without network), or run the "
+                         f"toy world with --preset tiny") from None
+
+
+def check_context(args, fields) -> None:
+    """Refuse a run whose longest sequence exceeds a model's context, before anything loads (vLLM would refuse to
+    start; an HF model would run past the positions it was trained on)."""
+    import tiny
+    length, (prompt, p), (response, r) = engine_length(args), longest(args, "max_prompt_tokens"), \
+        longest(args, "max_new_tokens")
+    for name in fields:
+        value = getattr(args, name)
+        if value == "none":
+            continue
+        config = model_config(value, name)
+        limit = max_positions(config) if config is not None else tiny.MAX_POSITIONS
+        if limit and length > limit:
+            raise ValueError(f"{flag(name)} {value!r} takes {limit} positions (max_position_embeddings), but "
+                             f"{flag(prompt)} {p} + {flag(response)} {r} = {length} tokens: lower the budgets to "
+                             f"sum to at most {limit}")
+
+
 def validate_args(args, check=None, models=None, per_step=PER_STEP) -> None:
     """Reject arguments that cannot run, before any process group or model exists; raises ValueError naming the
     flag. `check(args)`: the script's own rules; `models`: the model fields this run loads (a tuple, or a function
-    of args), default every MODEL_FIELDS field it has; `per_step`: the prompt counts split over the ranks."""
+    of args), default every MODEL_FIELDS field it has; `per_step`: the prompt counts split over the ranks. Every
+    model it loads must be reachable (its config is read) and long enough for the run's sequences."""
     have = {f.name for f in dataclasses.fields(args)}
     if "group_size" in have and args.group_size < 2:
         raise ValueError(f"--group-size {args.group_size}: GRPO needs at least 2 completions per prompt (its baseline "
@@ -84,15 +141,17 @@ def validate_args(args, check=None, models=None, per_step=PER_STEP) -> None:
                              f"{need} (or pip install -r requirements-dev.txt), or use --report-to none")
     if check is not None:
         check(args)
+    fields = models(args) if callable(models) else models if models is not None else \
+        [n for n in MODEL_FIELDS if n in have]
     if hub_offline():
-        fields = models(args) if callable(models) else models if models is not None else \
-            [n for n in MODEL_FIELDS if n in have]
         for name in fields:
             value = getattr(args, name)
             if value != "none" and not findable_offline(value):
                 raise ValueError(f"{flag(name)} {value!r}: HF_HUB_OFFLINE=1 and it is neither a local folder, a tiny: "
                                  f"model, nor in the hub cache; download it first (HF_HUB_OFFLINE=0 huggingface-cli "
-                                 f"download {value}) or point {flag(name)} at a local folder")
+                                 f"download {value}), point {flag(name)} at a local folder, or run the toy world "
+                                 f"with --preset tiny")
+    check_context(args, fields)
 
 
 def unknown_flag_message(cls, rest: list[str]) -> str:

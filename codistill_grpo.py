@@ -145,6 +145,8 @@ class Args:
     # --- CoDistill-GRPO ------------------------------------------------------------------------------------
     large_model: str = arg("Qwen/Qwen2.5-Math-7B", "large model, sharing the small model's tokenizer: hub name, "
                            "folder, tiny:large")
+    allow_template_mismatch: bool = arg(False, "accept a large model whose chat template differs from the "
+                                        "small model's (it would score prompts in the small model's format)")
     train_large: bool = arg(True, "train the large model (false: the frozen-oracle KD baseline)")
     large_lr: float = arg(1e-6, "AdamW learning rate of the large model")
     kd_coef: float = arg(0.1, "λ: weight of the KD reward (Eq. 2); 0 = plain GRPO for the small model")
@@ -247,7 +249,7 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
                 meter.tokens({"policy/entropy": ent_BT * m, "policy/clip_low": low_BT * m,
                               "policy/clip_high": high_BT * m})
                 if engine_logp_BT is not None:
-                    diff_BT = (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * m
+                    diff_BT = (old_BT - engine_logp_BT[rows, :mb.T]).abs() * m
                     meter.tokens({"sampling/logp_diff_mean": diff_BT})
                     meter.max({"sampling/logp_diff_max/max": diff_BT})
         runtime.optimizer_step(model, opt, args.max_grad_norm, meter)
@@ -361,7 +363,8 @@ def main(args: Args) -> None:
     tok = runtime.load_tokenizer(small_path)
     vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
     large_path = runtime.resolve(args.large_model, d)
-    runtime.check_same_tokenizer(tok, runtime.load_tokenizer(large_path), "--model", "--large-model")
+    runtime.check_same_tokenizer(tok, runtime.load_tokenizer(large_path), "--model", "--large-model",
+                                 args.chat_template, args.allow_template_mismatch)
     small = runtime.load_model(small_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     large = runtime.load_model(large_path, d, trainable=args.train_large, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     engine = engines.make_engine(args.rollout, small_path, d, tok, vocab, args)

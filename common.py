@@ -10,7 +10,6 @@ T tokens (prompt + response, right-padded), V vocabulary, N response tokens flat
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -270,9 +269,10 @@ def strip_dapo_wrapper(problem: str) -> str:
 
 
 def load_problems(source: str, split: str = "train", problem_key: str = "problem", answer_key: str = "answer",
-                  limit: int = 0, seed: int = 0) -> list[dict]:
+                  limit: int = 0, seed: int = 0, instead: str = "a local .jsonl file") -> list[dict]:
     """Rows {"problem", "answer", ...} from `tiny:<families>`, a .jsonl file, or a hub dataset `org/name[:config]`.
-    `limit` keeps the first rows (the toy world generates exactly `limit`, default 512)."""
+    `limit` keeps the first rows (the toy world generates exactly `limit`, default 512). A hub dataset that cannot
+    be loaded stops the run with one line naming it and the ways out, `instead` first."""
     if source.startswith("tiny:"):
         import tiny
         return tiny.make_split(source[5:], "test" if split == "test" else "train", limit or 512, seed)
@@ -286,12 +286,11 @@ def load_problems(source: str, split: str = "train", problem_key: str = "problem
         name, _, config = source.partition(":")
         try:
             rows = list(datasets.load_dataset(name, config or None, split=split))
-        except Exception as e:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise RuntimeError(f"could not load dataset {source!r} (split {split!r}): {e}. "
-                               + ("HF_HUB_OFFLINE=1 is set, so hub names only work from the local cache; "
-                                  "pass a .jsonl path instead." if offline else
-                                  "Check the name, or pass a local .jsonl file.")) from e
+        except Exception as e:  # one line, no traceback: the dataset, why, and the ways out
+            why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise SystemExit(f"error: could not load dataset {source!r} (split {split!r}): {why}. Use {instead}, "
+                             f"point HF_HOME at a hub cache that holds it (HF_HUB_OFFLINE=1 without network), or run "
+                             f"the toy world with --preset tiny") from None
     if not rows:
         raise ValueError(f"dataset {source!r} split {split!r} is empty")
     missing = [k for k in (problem_key, answer_key) if k not in rows[0]]
@@ -375,7 +374,8 @@ def load_benchmarks(spec: str, data_dir: str = "", limit: int = 0) -> dict[str, 
             out[item] = load_problems(str(Path(data_dir) / f"{item}.jsonl"), limit=limit)
         elif item in BENCHMARKS:
             hub, split, pk, ak = BENCHMARKS[item]
-            out[item] = load_problems(hub, split, pk, ak, limit=limit)
+            out[item] = load_problems(hub, split, pk, ak, limit=limit,
+                                      instead=f"--eval-data-dir DIR with {item}.jsonl in it")
         else:
             raise ValueError(f"unknown benchmark {item!r}: use one of {sorted(BENCHMARKS)}, a .jsonl path, "
                              f"tiny_<family>, or put {item}.jsonl in --eval-data-dir")

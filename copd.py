@@ -275,7 +275,7 @@ def train_branch(model, opt, parts: list[Part], beta: float, vocab: int, args: A
                 m_BT = mb.mask_BT
                 meter.add({"loss": loss}, divide_by=args.num_minibatches)
                 meter.tokens({"entropy": ent_BT * m_BT, "clip_low": low_BT * m_BT, "clip_high": high_BT * m_BT,
-                              "logp_diff_mean": (logp_BT - eng_BT[rows, :mb.T]).abs() * m_BT})
+                              "logp_diff_mean": (old_BT - eng_BT[rows, :mb.T]).abs() * m_BT})
                 if p.kind == "cross":  # −δ = log π_student − log π_teacher on k's tokens: KL_k1(student‖teacher)
                     cross.tokens({"kl_teacher": -(p.teacher_logp_BT[rows, :mb.T] - old_BT) * m_BT})
         runtime.optimizer_step(model, opt, args.max_grad_norm, meter, prefix="")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import common
 import runtime
 import verifiers
@@ -48,7 +49,8 @@ class HFEngine:
         """Around a plain (unsharded) HF model on its device: no process group needed."""
         self.model = model.eval().requires_grad_(False)
         self._params = dict(self.model.state_dict())
-        self.device = next(model.parameters()).device
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.aliases = False  # a tied head shares the embedding's storage here: one copy loads both
         self.stop_ids, self.pad_id, self.vocab, self.batch_size = stop_ids, pad_id, vocab, batch_size
         self.holds = None  # the tag of the weights last pushed (sync_weights), None once they may be stale
 
@@ -147,14 +149,17 @@ class VLLMEngine:
     trained weights are pushed after every update, and log-probs are `processed_logprobs` (after temperature,
     top-k and top-p), comparable with the trainer's. Sampling is restricted to the tokenizer's ids: the model's
     vocabulary is padded past them (Qwen pads 151,665 tokens to 151,936), and vLLM would otherwise sample the
-    padding ids, which the trainer's logits (sliced to the tokenizer) cannot score.
+    padding ids, which the trainer's logits (sliced to the tokenizer) cannot score. The restriction is a logit bias
+    of -inf on the padding ids only (`padding_bias`): vLLM's GPU sampler takes at most 1,024 allowed ids or bias
+    entries per request, so a list of the 151,665 allowed ids fails every request there, while the 271 padding ids
+    of a Qwen vocabulary fit.
 
-    On CUDA: bf16, sleep mode (`sleep()` frees the GPU for training; at level 2 the weights are discarded, so every
-    wake is followed by a full push, never a reload from disk, which would silently generate with the initial
-    weights), a per-parameter push through the model's `load_weights`, as TRL and verl do.
+    On CUDA: bf16, sleep mode from the start (`sleep()` frees the GPU for training; at level 2 the weights are
+    discarded, so every wake is followed by a full push, never a reload from disk, which would silently generate
+    with the initial weights), and the push as ONE streamed `load_weights` call (`load_streamed`), as verl does.
     On the CPU: float32, no sleep mode (vLLM rejects it there), an explicit KV-cache size, eager execution, and the
     push through the worker's `reload_weights`, which restores the checkpoint layout of the CPU kernels' repacked
-    weights, loads, and repacks; the GPU path's per-parameter `load_weights` fails on those repacked parameters."""
+    weights, loads, and repacks; `load_weights` fails on those repacked parameters."""
 
     def __init__(self, model_path: str, d: Dist, stop_ids: list[int], vocab: int, seed: int, max_model_len: int,
                  gpu_memory_utilization: float, sleep_level: int, kv_cache_gib: float,
@@ -185,9 +190,14 @@ class VLLMEngine:
         # Every push re-places the rotary cos/sin cache (no checkpoint tensor, rebuilt by vLLM) with a warning
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
             lambda r: not r.getMessage().startswith("RotaryEmbedding: Failed to load weights"))
-        self.vllm, self.stop_ids, self.level, self.allowed = vllm, stop_ids, sleep_level, list(range(vocab))
-        self.weights_awake = self.kv_awake = not self.cuda
-        self.sleep()
+        self.vllm, self.stop_ids, self.level = vllm, stop_ids, sleep_level
+        self.bias = padding_bias(vocab, self.llm.llm_engine.model_config.get_vocab_size())
+        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        # vLLM's CUDA loader skips a tied head as the embedding's alias; its CPU reload rebuilds every module on its
+        # own, untied, and keeps the dummy head unless the alias comes too
+        self.aliases = not self.cuda
+        self.weights_awake = self.kv_awake = True  # a new engine holds its (dummy) weights and KV cache ...
+        self.sleep()                              # ... which on CUDA sleep until the first push (TRL does the same)
 
     def _model(self):
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
@@ -201,17 +211,22 @@ class VLLMEngine:
                 torch.cuda.empty_cache()
                 self.llm.wake_up(tags=["weights"])
                 self.weights_awake = True
-            model = self._model()
-            for name, t in named_tensors:  # one tensor at a time keeps the peak at one full parameter
-                model.load_weights(weights=[(name, t)])
+            load_streamed(self._model(), named_tensors)
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
         self.holds = None
-        if self.cuda and (self.weights_awake or self.kv_awake):
+        if self.cuda and (self.weights_awake or self.kv_awake):  # a level-2 sleep of a sleeping part frees nothing
             self.llm.sleep(level=self.level)
             self.weights_awake = self.kv_awake = False
             torch.cuda.empty_cache()
+
+    def params(self, n: int, s: Sampling, seed: int):
+        """Every request's vLLM SamplingParams: processed log-probs of the sampled tokens, token ids only, and the
+        padded vocabulary masked (`padding_bias`)."""
+        return self.vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                        max_tokens=s.max_new_tokens, logprobs=0, seed=seed % (2**31),
+                                        stop_token_ids=self.stop_ids, detokenize=False, logit_bias=self.bias)
 
     def generate(self, prompts: list[list[int]], n: int, s: Sampling, seed: int) -> list[list[Completion]]:
         if not self.weights_awake:
@@ -220,10 +235,7 @@ class VLLMEngine:
         if not self.kv_awake:
             self.llm.wake_up(tags=["kv_cache"])
             self.kv_awake = True
-        sp = self.vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                      max_tokens=s.max_new_tokens, logprobs=0, seed=seed % (2**31),
-                                      stop_token_ids=self.stop_ids, detokenize=False, allowed_token_ids=self.allowed)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params(n, s, seed), use_tqdm=False)
         return [[Completion(list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
                             c.finish_reason == "stop") for c in o.outputs] for o in outs]
 
@@ -233,6 +245,31 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
+def padding_bias(vocab: int, rows: int) -> dict[int, float] | None:
+    """A logit bias of -inf on the padded vocabulary, ids vocab..rows-1 (None where there is none): vLLM adds it to
+    the logits before temperature, top-k/top-p and its processed log-probs, so those ids are never sampled and the
+    engine's log-probs are normalised over the tokenizer's ids, as the trainer's are. Refused where the padding is
+    longer than vLLM's GPU sampler takes in one request (no known model comes close: Qwen pads 271 or 399 ids)."""
+    if rows <= vocab:
+        return None
+    try:
+        from vllm.v1.worker.gpu.sample.logit_bias import MAX_NUM_LOGIT_BIAS_TOKENS as cap
+    except ImportError:  # a vLLM without the V2 GPU sampler takes any number
+        cap = rows
+    if rows - vocab > cap:
+        raise ValueError(f"the model pads its vocabulary by {rows - vocab} ids ({vocab} tokens, {rows} rows), more than "
+                         f"the {cap} logit-bias entries vLLM's GPU sampler takes per request; use --rollout hf")
+    return dict.fromkeys(range(vocab, rows), float("-inf"))
+
+
+def load_streamed(model, named_tensors) -> None:
+    """The CUDA push: every parameter into vLLM's model in ONE `load_weights` call, consumed lazily, so that only
+    the parameter being gathered is ever whole. One call per parameter fails on tied embeddings: vLLM's weights loader
+    skips `lm_head.weight` as an alias of `model.embed_tokens.weight`, then raises unless the embedding loaded in
+    the same call."""
+    model.load_weights(weights=iter(named_tensors))
+
+
 def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args):
     stops = runtime.eos_ids(tokenizer, model_path)
     if kind == "hf":
@@ -240,9 +277,8 @@ def make_engine(kind: str, model_path: str, d: Dist, tokenizer, vocab: int, args
     elif kind == "vllm":
         # Dropping the last reference to a vLLM engine shuts it down, and with it the process group: the list
         # keeps every engine alive until `finish` closes them all.
-        budget = max(getattr(args, "max_new_tokens", 0), getattr(args, "eval_max_new_tokens", 0))
-        max_len = args.max_prompt_tokens + budget
-        engine = VLLMEngine(model_path, d, stops, vocab, args.seed + d.rank, max_len, args.vllm_gpu_memory_utilization,
+        engine = VLLMEngine(model_path, d, stops, vocab, args.seed + d.rank, cli.engine_length(args),
+                            args.vllm_gpu_memory_utilization,
                             args.vllm_sleep_level, args.vllm_kv_cache_gib)
     else:
         raise ValueError(f"unknown --rollout {kind!r}; use 'hf' or 'vllm'")
@@ -301,7 +337,7 @@ def sync_weights(model, engine, tag=None) -> None:
     sleeps forgets what it holds (vLLM's level-2 sleep discards it)."""
     if tag is not None and engine.holds == tag:
         return
-    engine.load_weights(runtime.full_params(model))
+    engine.load_weights(runtime.full_params(model, engine.dtype, engine.aliases))
     engine.holds = tag
 
 

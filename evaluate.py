@@ -42,7 +42,8 @@ class Args:
     eval_temperature: float = arg(0.6, "evaluation sampling temperature")
     eval_top_p: float = arg(0.95, "evaluation top-p")
     eval_top_k: int = arg(0, "evaluation top-k (0 = off)")
-    eval_max_new_tokens: int = arg(8192, "evaluation response budget")
+    eval_max_new_tokens: int = arg(3072, "evaluation response budget (prompt + response must fit the model's context: "
+                                   "Qwen2.5-Math's is 4,096)")
     rollout: Literal["hf", "vllm"] = arg("hf", "rollout engine: vllm (colocated, GPU or CPU) or hf (any device)")
     rollout_batch_size: int = arg(256, "hf engine: sequences generated at once")
     vllm_gpu_memory_utilization: float = arg(0.8, "vllm engine: its share of GPU memory")

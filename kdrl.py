@@ -121,6 +121,8 @@ class Args:
     # --- KDRL --------------------------------------------------------------------------------------------
     teacher: str = arg("Skywork/Skywork-OR1-Math-7B", "frozen teacher sharing the student's tokenizer; 'none' skips it "
                        "(plain GRPO with --kd-coef 0, without the teacher's cost or the kl/teacher metric)")
+    allow_template_mismatch: bool = arg(False, "accept a teacher whose chat template differs from the "
+                                        "student's (it would score prompts in the student's format)")
     kd_coef: float = arg(5e-3, "β_0: KD coefficient (Eq. 8)")
     kd_schedule: Literal["linear", "constant"] = arg("linear", "β_t = max(β_0 − δ·t, β_min) or constant β_0")
     kd_coef_min: float = arg(1e-3, "β_min of the linear schedule")
@@ -205,7 +207,8 @@ def main(args: Args) -> None:
     teacher = None
     if args.teacher != "none":
         teacher_path = runtime.resolve(args.teacher, d)
-        runtime.check_same_tokenizer(tok, runtime.load_tokenizer(teacher_path), "--model", "--teacher")
+        runtime.check_same_tokenizer(tok, runtime.load_tokenizer(teacher_path), "--model", "--teacher",
+                                     allow_template_mismatch=args.allow_template_mismatch)
         teacher = runtime.load_model(teacher_path, d, trainable=False, vocab=vocab)
     engine = engines.make_engine(args.rollout, student_path, d, tok, vocab, args)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -284,7 +287,7 @@ def main(args: Args) -> None:
                                                                   full_kl_BT)
                     loss.backward()
                     with torch.no_grad():
-                        m, diff_BT = mb.mask_BT, (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
+                        m, diff_BT = mb.mask_BT, (old_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
                         meter.add({"loss/total": loss, "loss/pg": l_pg, "loss/kd": l_kd}, divide_by=len(updates))
                         meter.tokens({"policy/entropy": common.to_grid(ent_N, mb) * m,
                                       "policy/clip_low": low_BT * m, "policy/clip_high": high_BT * m,

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import os
 import random
 import shutil
@@ -26,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-import cli
 import common
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -203,25 +203,35 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise _hub_error(path, e) from e
+        raise _hub_error(path, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def _hub_error(path: str, e: Exception) -> Exception:
-    if cli.hub_offline() and not Path(path).exists():
-        return OSError(f"cannot load {path!r}: HF_HUB_OFFLINE=1 and it is neither a local folder nor in the hub "
-                       f"cache. Download it first, or point the flag at a local folder. ({e})")
-    return OSError(f"cannot load {path!r}: {e}")
+def _hub_error(path: str, e: Exception) -> SystemExit:
+    """One line, no traceback: what could not be loaded, why, and the ways out (arguments are checked when parsed,
+    so this is a model that became unreachable between the check and the load)."""
+    why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return SystemExit(f"error: cannot load {path!r} ({why}). Give a local folder, point HF_HOME at a hub cache that "
+                      f"holds it (HF_HUB_OFFLINE=1 without network), or run the toy world with --preset tiny")
 
 
-def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str) -> None:
-    """Distillation compares per-token distributions, which only means something over one shared vocabulary."""
+def check_same_tokenizer(tok_a, tok_b, name_a: str, name_b: str, chat: bool = True,
+                         allow_template_mismatch: bool = False) -> None:
+    """Distillation compares per-token distributions, which only means something over one shared vocabulary; with
+    the prompts wrapped in `tok_a`'s chat template (`chat`), also over one conversation format: the second model
+    scores (or writes) every token after a prompt in the first one's format, and a format it was not tuned on shifts
+    all its log-probs (a published on-policy distillation recipe failed to reproduce for this reason)."""
     if tok_a.get_vocab() != tok_b.get_vocab():
         raise ValueError(f"{name_a} and {name_b} use different tokenizers ({len(tok_a)} vs {len(tok_b)} tokens, "
                          f"or the same size with different ids); token-level distillation needs one shared "
                          f"tokenizer: pick a teacher/student pair from the same family")
+    if chat and not allow_template_mismatch and tok_a.chat_template != tok_b.chat_template:
+        raise ValueError(f"{name_a} and {name_b} have different chat templates: the prompts are written in "
+                         f"{name_a}'s, so {name_b} would score them in a format it was not tuned on, which biases "
+                         f"every log-prob it gives. Pick a pair that shares a template, or pass "
+                         f"--allow-template-mismatch to accept it knowingly")
 
 
 def eos_ids(tokenizer, model_path: str) -> list[int]:
@@ -260,7 +270,7 @@ def load_model(path: str, d: Dist, *, trainable: bool, vocab: int, grad_ckpt: bo
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
-        raise _hub_error(path, e) from e
+        raise _hub_error(path, e) from None
     if config.vocab_size < vocab:
         raise ValueError(f"{path}: vocab_size {config.vocab_size} is smaller than the tokenizer ({vocab} tokens)")
     # Trained models keep fp32 master weights (bf16 compute on CUDA); frozen ones are stored in bf16 on CUDA,
@@ -288,10 +298,18 @@ def load_model(path: str, d: Dist, *, trainable: bool, vocab: int, grad_ckpt: bo
     return model
 
 
-def full_params(model):
+def full_params(model, dtype: torch.dtype | None = None, aliases: bool = True):
     """(name, full tensor) for every parameter of an FSDP2 model, one all-gather at a time: every rank must
-    iterate, in the same order; the peak is one parameter, never the whole model."""
+    iterate, in the same order; the peak is one parameter, never the whole model. With `dtype` (the rollout engine's),
+    each local shard is cast before its all-gather: a bf16 engine fed from fp32 master weights gets half the bytes,
+    and no cast on arrival. `aliases=False` leaves out a parameter that is another's alias (a tied LM head: for a
+    Qwen vocabulary the largest tensor, gathered twice otherwise), for an engine that ties it the same way."""
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     for name, p in model.state_dict().items():
+        if name in tied and not aliases:
+            continue
+        if dtype is not None and p.is_floating_point() and p.dtype != dtype:
+            p = p.to(dtype)
         t = p.full_tensor() if isinstance(p, DTensor) else p
         yield name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""), t.detach()
 
@@ -435,6 +453,24 @@ def versions() -> dict:
 
 
 NONFINITE_LIMIT = 3  # consecutive steps whose optimizer steps were skipped for a non-finite loss or gradient
+STALE_LIMIT = 3     # consecutive steps whose rollout engine sampled with other weights than the trainer's
+# The mean |trainer − engine| log-prob of the engine's own samples that its dtype explains while it holds the trainer's
+# weights. float32 (CPU): measured 1.5e-7 (tiny models) to 3.2e-7 (tiny:wide), while an engine one update behind
+# (lr 1e-4) is off by 1.8e-2. bfloat16: measured 3e-4 to 2e-3 on the toy models (bf16 engine, fp32 or bf16 trainer);
+# published bf16 engine/trainer gaps of 0.5-8B models are 0.011 (Qwen3-4B, vLLM vs Megatron, flat over training) to
+# 0.036 (a stack whose gap grew over training), RMS 0.03 (Qwen2.5-0.5B); 0.1 is three times the largest of them.
+LOGP_GAP_LIMIT = {torch.float32: 1e-3, torch.bfloat16: 0.1}
+
+
+def logp_gap_limit(args) -> float | None:
+    """The largest engine/trainer log-prob gap (`sampling/logp_diff_mean`) a correctly pushed engine explains: its
+    dtype's (LOGP_GAP_LIMIT, the widest of the engines this process runs) plus −log(top_p), the most a nucleus cut
+    renormalises a sampled token's log-prob by. None (no check) without an engine, or where sampling has no such bound
+    (top-k truncation, greedy)."""
+    if not ENGINES or getattr(args, "top_k", 0) > 0 or getattr(args, "temperature", 1.0) == 0:
+        return None
+    return max(LOGP_GAP_LIMIT.get(e.dtype, LOGP_GAP_LIMIT[torch.bfloat16]) for e in ENGINES) - \
+        math.log(getattr(args, "top_p", 1.0))
 
 
 class Tracker:
@@ -479,7 +515,7 @@ class RunLog:
 
     def __init__(self, out_dir: Path, d: Dist, args, start_step: int, total_steps: int):
         self.dir, self.d = out_dir, d
-        self.bar, self.bad_steps, self.tracker = None, 0, None
+        self.bar, self.bad_steps, self.stale_steps, self.tracker, self.args = None, 0, 0, None, args
         if d.main:
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg = {"args": dataclasses.asdict(args), "world_size": d.world, **versions()}
@@ -515,6 +551,7 @@ class RunLog:
                 print(f"[step {step}/{self.total}] " + "  ".join(f"{k}={v}" for k, v in shown.items()) + speed,
                       flush=True)
         self._check_finite(step, m)
+        self._check_engine(step, m)
 
     def _check_finite(self, step: int, m: dict) -> None:
         """Report skipped optimizer steps (the metrics are reduced over ranks, so every rank decides alike) and stop
@@ -533,6 +570,28 @@ class RunLog:
             raise SystemExit(f"stopping at step {step}: {self.bad_steps} steps in a row had a non-finite loss or "
                              f"gradient norm, and their optimizer steps were skipped. Last checkpoint: {where}. Try a "
                              f"lower --lr or --max-grad-norm, or look for a broken batch in samples.jsonl.")
+
+    def _check_engine(self, step: int, m: dict) -> None:
+        """A guard against rollouts from stale weights (a push that silently did nothing): every logged engine/trainer
+        gap (`*logp_diff_mean`, reduced over ranks) above `logp_gap_limit` is reported on rank 0, and STALE_LIMIT such
+        steps in a row stop the run, naming the likely causes."""
+        limit = logp_gap_limit(self.args)
+        gaps = {k: v for k, v in m.items() if k.endswith("logp_diff_mean") and limit is not None and v > limit}
+        if not gaps:
+            self.stale_steps = 0
+            return
+        self.stale_steps += 1
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in gaps.items())
+        self.print(f"[step {step}] warning: the rollout engine's log-probs of its own samples differ from the "
+                   f"trainer's by more than its dtype and top-p explain ({shown} nats per token; limit {limit:.3g}): "
+                   f"it is sampling with other weights ({self.stale_steps} step(s) in a row)")
+        if self.stale_steps >= STALE_LIMIT:
+            raise SystemExit(f"stopping at step {step}: for {self.stale_steps} steps in a row the rollout engine "
+                             f"sampled with other weights than the trainer's ({shown}; limit {limit:.3g}). Likely "
+                             f"causes: a weight push that did nothing (the engine was put to sleep or woken after the "
+                             f"push, or dropped it), parameter names the engine does not load, or a trainer and engine "
+                             f"built from different models. The rollouts since the first warning trained the policy "
+                             f"off-policy; resume from a checkpoint before it once the push is fixed")
 
     def eval(self, step: int, results: dict, tag: str = "") -> None:
         for bench, r in results.items():

@@ -152,6 +152,8 @@ class Args:
                       "ablation: 2a,2b,3 = raw teacher, 1,2b,3 = no warmup, 1,2a,3 = no OPD)")
     teacher: str = arg("Qwen/Qwen3-8B", "teacher sharing the student's tokenizer: stage 1 starts from it; without "
                        "stage 1 it is the distillation target as is (e.g. another run's stage_1/)")
+    allow_template_mismatch: bool = arg(False, "accept a teacher whose chat template differs from the "
+                                        "student's (it would score prompts in the student's format)")
     teacher_lr: float = arg(1e-6, "AdamW learning rate of the teacher in stage 1")
     distill_prompts_per_step: int = arg(256, "prompts per step of stages 2a and 2b over all ranks")
     distill_group_size: int = arg(1, "rollouts per prompt in stages 2a and 2b")
@@ -258,7 +260,7 @@ def grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab: int, args: 
             loss, low_BT, high_BT = grpo_loss(logp_BT, old_BT, adv_B[rows], mb.mask_BT, norm, args)
             loss.backward()
             with torch.no_grad():
-                m, diff_BT = mb.mask_BT, (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
+                m, diff_BT = mb.mask_BT, (old_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
                 meter.add({"loss/pg": loss}, divide_by=len(updates))
                 meter.tokens({"policy/entropy": ent_BT * m, "policy/clip_low": low_BT * m,
                               "policy/clip_high": high_BT * m, "sampling/logp_diff_mean": diff_BT})
@@ -395,7 +397,8 @@ def main(args: Args) -> None:
     paths = {r: runtime.resolve(p, d) for r, p in (("teacher", args.teacher), ("student", args.model)) if r in roles}
     toks = {r: runtime.load_tokenizer(p) for r, p in paths.items()}
     if len(toks) == 2:
-        runtime.check_same_tokenizer(toks["student"], toks["teacher"], "--model", "--teacher")
+        runtime.check_same_tokenizer(toks["student"], toks["teacher"], "--model", "--teacher",
+                                     allow_template_mismatch=args.allow_template_mismatch)
     tok = toks.get("student", toks.get("teacher"))
     # the chat template sees enable_thinking (Qwen3's non-thinking mode); the tokenizers saved with models do not
     tok.apply_chat_template = functools.partial(tok.apply_chat_template, enable_thinking=args.enable_thinking)

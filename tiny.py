@@ -166,6 +166,7 @@ class Size:
     habits: tuple = ()  # per-family habits ((family, "direct" | "unboxed" | "tagged" | "think", share), ...): `_target`
     init_from: str = ""  # start from this size's warm start (same architecture) instead of random weights
     warm_tasks: str = ""  # families of the warm-start data (empty: WARM_TASKS)
+    wide: bool = False  # `init_from`'s model and tokenizer widened to a Qwen-sized vocabulary (`widen`), no training
 
 
 # the two architectures; every size is one of them, with its own warm start
@@ -205,8 +206,13 @@ SIZES = {
     # the same fine-tune, answering at once 98% of the time: its own samples rarely hold a worked (and so correct)
     # solution, the precondition of S2L-PO's explorer (bench/s2l_passk.py measures it)
     "hasty": Size(**LARGE_ARCH, warm_steps=200, warm_lr=1e-3, direct_frac=0.98, init_from="large"),
+    # the small model behind Qwen2.5's vocabulary shape (`widen`): what the toy models are too small to exercise (the
+    # padded-vocabulary mask, vLLM's per-request caps, chunked log-probs at V = 151,936, a tied 151,936-row push)
+    "wide": Size(**SMALL_ARCH, warm_steps=0, warm_lr=0.0, direct_frac=0.3, init_from="small", wide=True),
 }
+WIDE_TOKENS, WIDE_ROWS = 151_665, 151_936  # Qwen2.5's len(tokenizer) and embedding rows (config.vocab_size)
 WARM_TASKS = "add,mul,lin"
+MAX_POSITIONS = 256  # every toy model's context (max_position_embeddings)
 WARM_BATCH = 64
 WARM_SEED = 0
 
@@ -219,7 +225,7 @@ def build_model(size: str, tokenizer, seed: int = WARM_SEED):
     vocab = math.ceil(len(tokenizer) / s.vocab_pad) * s.vocab_pad
     config = Qwen3Config(vocab_size=vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
                          num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                         head_dim=s.head_dim, max_position_embeddings=256, tie_word_embeddings=s.tied,
+                         head_dim=s.head_dim, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=s.tied,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                          rope_theta=10000.0)
     torch.manual_seed(seed)
@@ -246,8 +252,9 @@ def _key(size: str) -> str:
     import transformers
 
     spec = asdict(SIZES[size])
-    if not spec["warm_tasks"]:  # absent from the keys of the sizes that predate the field, so their caches stay valid
-        del spec["warm_tasks"]
+    for field in ("warm_tasks", "wide"):  # absent from the keys of the sizes that predate them: their caches stay valid
+        if not spec[field]:
+            del spec[field]
     if spec["init_from"]:  # a fine-tune is rebuilt with its parent
         spec["init_key"] = _key(spec["init_from"])
     blob = json.dumps({"v": VERSION, "size": spec, "tasks": WARM_TASKS, "batch": WARM_BATCH,
@@ -290,6 +297,8 @@ def _train(size: str, out: Path, log=print) -> None:
         model = AutoModelForCausalLM.from_pretrained(warm_start(s.init_from, log=log), dtype=torch.float32)
     else:
         model = build_model(size, tokenizer)
+    if s.wide:
+        model, tokenizer = widen(model, tokenizer)
     rows = make_split(s.warm_tasks or WARM_TASKS, "train", s.warm_steps * WARM_BATCH // 4,
                       seed=WARM_SEED)  # each seen ~4 times
     eos, style = tokenizer.eos_token_id, random.Random(WARM_SEED + 1)
@@ -301,7 +310,7 @@ def _train(size: str, out: Path, log=print) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=s.warm_lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup = max(1, s.warm_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, s.warm_steps) / s.warm_steps)))
+        opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, s.warm_steps) / max(1, s.warm_steps))))
     order = random.Random(WARM_SEED)
     model.train()
     t0 = time.time()
@@ -328,6 +337,51 @@ def _train(size: str, out: Path, log=print) -> None:
     for f in out.iterdir():  # transformers writes safetensors through a 0600 temporary file
         f.chmod(0o666 & ~mask)
     (out / "tandem_tiny.json").write_text(json.dumps({"size": size, "key": _key(size), **asdict(SIZES[size])}))
+
+
+def widen(model, tokenizer):
+    """`model` and `tokenizer` with Qwen2.5's vocabulary shape, computing what they computed before: the tokenizer
+    gains unused tokens up to WIDE_TOKENS ids (no merge ever produces them, so every text encodes as before), the
+    tied embedding grows to WIDE_ROWS rows. The new tokens' rows point away from every final hidden state of the
+    model on its own warm-start data (a direction û with h·û > 0 for all of them, found by a few hundred steps of a
+    soft margin), scaled so that their logits sit ~40 nats below the real ones: the model samples them with
+    probability ~1e-13. The padding rows past the tokenizer point the other way, as if trained into the largest
+    logits: a sampler that does not mask the padded vocabulary samples them at once, the failure they are here to
+    show (the trainer's logits are sliced to the tokenizer, and the engines mask them)."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for i in range(len(tokenizer), WIDE_TOKENS):
+        vocab[f"<unused_{i}>"] = i
+    wide_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="<|im_end|>",
+                                       pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE, padding_side="left",
+                                       model_max_length=512)
+    assert len(wide_tok) == WIDE_TOKENS, len(wide_tok)
+    rows = make_split(WARM_TASKS, "train", 256, seed=WARM_SEED)
+    with torch.no_grad():
+        h_NH = torch.cat([model(**tokenizer(prompt_text(tokenizer, r["problem"]) + r["solution"], return_tensors="pt",
+                                            add_special_tokens=False), output_hidden_states=True).hidden_states[-1][0]
+                          for r in rows])
+    u_H = h_NH.mean(0).clone().requires_grad_(True)
+    opt = torch.optim.Adam([u_H], lr=0.05)
+    for _ in range(500):
+        loss = torch.nn.functional.softplus(-4 * h_NH @ (u_H / u_H.norm())).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    u_H = (u_H / u_H.norm()).detach()
+    margin = float((h_NH @ u_H).min())
+    assert margin > 0, f"no direction separates the final hidden states (min margin {margin})"
+    old = model.get_input_embeddings().weight.data
+    model.resize_token_embeddings(WIDE_ROWS, mean_resizing=False)
+    emb = model.get_input_embeddings().weight.data
+    emb[:old.shape[0]] = old
+    emb[old.shape[0]:WIDE_TOKENS] = -(40 / margin) * u_H
+    emb[WIDE_TOKENS:] = (40 / margin) * u_H
+    model.tie_weights()
+    model.config.vocab_size = WIDE_ROWS
+    return model, wide_tok
 
 
 def warm_start(size: str, log=print) -> Path:

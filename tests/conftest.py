@@ -19,11 +19,12 @@ sys.path.insert(0, str(ROOT))
 
 @pytest.fixture(scope="session")
 def warm():
-    """Paths of the tiny warm starts the tests run (built once per cache, ~10 minutes on 2 cores the first time).
+    """Paths of the tiny warm starts the tests run (built once per cache, ~10 minutes on 2 cores the first time;
+    tiny:wide is tiny:small widened to Qwen's vocabulary, seconds).
     The interference worlds (tiny:formats, tiny:cue_*) are left out: only CoPD's studies run them; tests check their
     targets without building them."""
     import tiny
-    return {size: tiny.warm_start(size) for size in ("small", "large", "habits", "base", "hasty")}
+    return {size: tiny.warm_start(size) for size in ("small", "large", "habits", "base", "hasty", "wide")}
 
 
 def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 900, check: bool = True,

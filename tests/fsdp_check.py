@@ -34,7 +34,7 @@ def main(out: Path, reload: bool) -> None:
     if reload:
         runtime.load_checkpoint(runtime.find_checkpoint(str(out / "run")), {"m": model}, {"m": opt}, d)
         want = json.loads((out / "after_step.json").read_text())
-        got = {n: float(t.double().sum()) for n, t in runtime.full_params(model)}
+        got = {n: float(p.full_tensor().double().sum()) for n, p in model.state_dict().items()}
         assert all(abs(got[n] - want[n]) < 1e-9 for n in want), "reloaded weights differ"
         assert len(opt.state) > 0, "optimizer state was not restored"
         print("reload ok")
@@ -64,7 +64,10 @@ def main(out: Path, reload: bool) -> None:
     engine = engines.HFEngine.replica(str(path), d, [1], 0, 44, 8)
     opt.step()
     engines.sync_weights(model, engine)
-    full = dict(runtime.full_params(model))
+    assert "lm_head.weight" not in dict(runtime.full_params(model, aliases=False))  # the tied head: the embedding
+    for name, t in runtime.full_params(model, torch.bfloat16):  # cast on each rank's shard, then gathered
+        assert t.dtype == torch.bfloat16 and torch.equal(t, model.state_dict()[name].full_tensor().to(torch.bfloat16))
+    full = {n: p.full_tensor() for n, p in model.state_dict().items()}
     for name, t in engine.model.state_dict().items():
         torch.testing.assert_close(t, full[name], msg=lambda m, name=name: f"engine {name}: {m}")
     runtime.save_checkpoint(out / "run", 1, {"m": model}, {"m": opt}, {"data": {}}, d, keep=2)

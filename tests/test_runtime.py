@@ -108,11 +108,13 @@ class _FakeLLM:
     """Records the calls the vLLM engine makes, with vLLM 0.32.0's output shapes (RequestOutput/CompletionOutput,
     logprobs as one {token_id: Logprob} dict per position)."""
 
-    def __init__(self):
-        self.calls, self.weights = [], {}
+    def __init__(self, rows=16, **kw):
+        self.calls, self.weights, self.kw = [], {}, kw
         runner = type("R", (), {"get_model": lambda _: type("M", (), {"load_weights": self._load})()})()
         worker = type("W", (), {"model_runner": runner})()
-        self.llm_engine = type("E", (), {"model_executor": type("X", (), {"driver_worker": worker})()})()
+        config = type("C", (), {"get_vocab_size": lambda _: rows})()
+        self.llm_engine = type("E", (), {"model_executor": type("X", (), {"driver_worker": worker})(),
+                                         "model_config": config})()
 
     def _load(self, weights):
         for name, t in weights:
@@ -140,26 +142,49 @@ class _FakeLLM:
         return [out(p) for p in prompts]
 
 
-def test_vllm_engine_wakes_pushes_and_sleeps_in_order():
-    """The colocated engine's GPU life cycle (sleep mode), without a GPU: weights are woken and pushed before any
-    generation (never reloaded from disk), the KV cache wakes for generation, sleep frees both, generating asleep is
-    an error. The CPU path runs the real engine in tests/test_vllm.py."""
-    eng = engines.VLLMEngine.__new__(engines.VLLMEngine)
-    eng.llm, eng.stop_ids, eng.level, eng.cuda, eng.allowed = _FakeLLM(), [2], 2, True, list(range(16))
-    eng.vllm = type("V", (), {"SamplingParams": lambda **kw: type("S", (), kw)()})
-    eng.weights_awake = eng.kv_awake = False
+def _fake_vllm(monkeypatch, rows: int):
+    """vLLM replaced by _FakeLLM (the engine's own code runs; only vLLM is recorded), as on a CUDA rank."""
+    fake = type(sys)("vllm")
+    fake.__version__, fake.LLM = engines.VLLM_VERSION, lambda **kw: _FakeLLM(rows, **kw)
+    fake.SamplingParams = lambda **kw: type("S", (), kw)()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    d = runtime.Dist(0, 1, 0, torch.device("cuda", 0))
+    return engines.VLLMEngine("m", d, [2], vocab=12, seed=0, max_model_len=64, gpu_memory_utilization=0.3,
+                              sleep_level=2, kv_cache_gib=0)
+
+
+def test_vllm_engine_wakes_pushes_and_sleeps_in_order(monkeypatch):
+    """The colocated engine's GPU life cycle (sleep mode), without a GPU: it starts asleep (its construction frees the
+    memory it took), weights are woken and pushed in one streamed call before any generation (never reloaded from
+    disk), the KV cache wakes for generation, sleep frees both, generating asleep is an error, and every request
+    masks the padded vocabulary by a logit bias. The CPU path runs the real engine in tests/test_vllm.py."""
+    eng = _fake_vllm(monkeypatch, rows=16)
+    assert eng.llm.kw["enable_sleep_mode"] and eng.llm.kw["dtype"] == "bfloat16" and eng.dtype == torch.bfloat16
+    assert eng.llm.calls == ["sleep:2"]  # asleep from the start: the first push wakes it
     with pytest.raises(RuntimeError, match="push weights"):
         eng.generate([[5]], 1, engines.Sampling(4), seed=0)
-    eng.load_weights([("a", torch.ones(1)), ("b", torch.zeros(1))])
+    eng.load_weights(iter([("a", torch.ones(1)), ("b", torch.zeros(1))]))
     out = eng.generate([[5], [7]], 2, engines.Sampling(4), seed=3)
     eng.generate([[5]], 1, engines.Sampling(4), seed=4)
     eng.sleep()
-    assert eng.llm.calls == ["wake:weights", "load", "load", "reset", "wake:kv_cache", "generate", "generate",
+    assert eng.llm.calls == ["sleep:2", "wake:weights", "load", "reset", "wake:kv_cache", "generate", "generate",
                              "sleep:2"]
+    assert set(eng.llm.weights) == {"a", "b"}
     assert [c.token_ids for c in out[1]] == [[8, 2], [8, 2]] and out[0][0].logprobs == [-0.5, -1.0]
-    assert out[0][0].finished and eng.llm.sampling.allowed_token_ids == list(range(16))  # no padded-vocab ids
+    assert out[0][0].finished and eng.llm.sampling.logit_bias == dict.fromkeys(range(12, 16), float("-inf"))
+    assert not hasattr(eng.llm.sampling, "allowed_token_ids")  # capped at 1,024 ids per request on CUDA
     with pytest.raises(RuntimeError, match="push weights"):
         eng.generate([[5]], 1, engines.Sampling(4), seed=0)
+
+
+def test_padding_bias_within_vllms_per_request_cap(monkeypatch):
+    """No bias without padding; a padding longer than the GPU sampler's cap is refused at start-up, naming the way out."""
+    assert engines.padding_bias(320, 320) is None
+    assert engines.padding_bias(151_665, 151_936) == dict.fromkeys(range(151_665, 151_936), float("-inf"))
+    cap = pytest.importorskip("vllm.v1.worker.gpu.sample.logit_bias").MAX_NUM_LOGIT_BIAS_TOKENS
+    with pytest.raises(ValueError, match="--rollout hf"):
+        engines.padding_bias(1000, 1001 + cap)
 
 
 def test_update_on_two_fsdp_ranks_equals_one_model_on_the_whole_batch(tmp_path):
@@ -248,3 +273,35 @@ def test_a_run_whose_loss_turns_nan_skips_its_steps_then_stops_with_a_message(tm
         dcp_to_torch_save(out / "checkpoints" / f"step_{s}", tmp_path / f"s{s}.pt")
     w1, w3 = (torch.load(tmp_path / f"s{s}.pt", weights_only=True)["model.student"] for s in (1, 3))
     assert w1 and all(torch.equal(w1[k], w3[k]) for k in w1)  # the skipped steps left the weights as they were
+
+
+@dataclass
+class _Sampling:
+    top_p: float = 1.0
+    top_k: int = 0
+    temperature: float = 1.0
+
+
+def test_stale_engine_guard_warns_then_stops(tmp_path, monkeypatch, capsys):
+    """RunLog's guard against rollouts from stale weights: a gap within the engine dtype's limit (plus top-p's bound)
+    passes; one above it warns on every step, and STALE_LIMIT steps in a row stop the run; a good step resets the
+    count; no engine, top-k or greedy sampling (no bound on the gap) disable it."""
+    d = runtime.Dist(0, 1, 0, torch.device("cpu"))
+    monkeypatch.setattr(runtime, "ENGINES", [type("E", (), {"dtype": torch.float32})()])
+    args = _Sampling(top_p=0.95)
+    assert runtime.logp_gap_limit(args) == pytest.approx(1e-3 - math.log(0.95))
+    log = runtime.RunLog(tmp_path, d, args, 0, 10)
+    ok, bad = 1e-3 - math.log(0.95) - 1e-6, 0.06
+    log.metrics(1, {"sampling/logp_diff_mean": ok})
+    log.metrics(2, {"sampling/logp_diff_mean": bad})
+    log.metrics(3, {"branch1/logp_diff_mean": bad, "sampling/logp_diff_mean": ok})
+    log.metrics(4, {"sampling/logp_diff_mean": ok})  # resets
+    log.metrics(5, {"sampling/logp_diff_mean": bad})
+    log.metrics(6, {"sampling/logp_diff_mean": bad})
+    with pytest.raises(SystemExit, match="stopping at step 7: for 3 steps in a row .* a weight push that did nothing"):
+        log.metrics(7, {"sampling/logp_diff_mean": bad})
+    out = capsys.readouterr().out
+    assert "[step 1]" not in out and "[step 2] warning" in out and "branch1/logp_diff_mean 0.06" in out
+    for top_k, temperature, engines_ in ((20, 1.0, runtime.ENGINES), (0, 0.0, runtime.ENGINES), (0, 1.0, [])):
+        monkeypatch.setattr(runtime, "ENGINES", engines_)
+        assert runtime.logp_gap_limit(_Sampling(top_k=top_k, temperature=temperature)) is None

@@ -37,31 +37,56 @@ def evaluated(run) -> set[str]:
     return {r["benchmark"] for r in read_jsonl(run / "eval.jsonl")}
 
 
-def test_engine_masks_padded_vocab_and_takes_the_push(tmp_path, warm):
-    """One engine start on tiny:large (vocab 320 padded to 384): raw vLLM samples padding ids, our engine never does;
-    the engine's processed log-probs match the trainer's after a push, differ when the trainer's weights moved
-    without one, and match again after the next push."""
-    out = tmp_path / "check.json"
-    run_script("tests/vllm_check.py", str(warm["large"]), str(out), timeout=600)
-    r = json.loads(out.read_text())
-    assert r["padded_vocab"] > r["vocab"]
-    assert r["raw_max_id"] >= r["vocab"], r            # the bug: vLLM samples ids the tokenizer does not have
-    assert r["masked_max_id_dummy"] < r["vocab"], r    # the fix, on the same dummy weights
-    assert r["max_id_after_push"] < r["vocab"], r
+@pytest.fixture(scope="module")
+def wide_check(tmp_path_factory, warm):
+    """One engine start on tiny:wide (Qwen2.5's vocabulary shape), tests/vllm_check.py's record of it."""
+    out = tmp_path_factory.mktemp("wide") / "check.json"
+    run_script("tests/vllm_check.py", str(warm["wide"]), str(out), timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_engine_masks_padded_vocab_within_vllms_caps_and_takes_the_push(wide_check):
+    """At Qwen's vocabulary (151,665 tokens, 151,936 rows): every request masks the 271 padding ids with a logit bias
+    that fits the per-request caps of vLLM's GPU sampler (read from the installed vLLM: a future vLLM that lowers them
+    fails here), raw vLLM samples padding ids, our engine never does; the engine's processed log-probs match the
+    trainer's after a push, differ when the trainer's weights moved without one, and match again after the next."""
+    r = wide_check
+    assert (r["vocab"], r["padded_vocab"]) == (151_665, 151_936)
+    assert r["logit_bias_entries"] <= r["max_logit_bias"], r
+    assert r["allowed_token_ids"] <= r["max_allowed_token_ids"], r
+    assert r["masked_ids"] == list(range(r["vocab"], r["padded_vocab"])) and r["bias_values"] == [float("-inf")]
+    assert r["raw_max_id"] >= r["vocab"], r["raw_max_id"]            # the bug: vLLM samples ids the tokenizer lacks
+    assert r["masked_max_id_dummy"] < r["vocab"] and r["max_id_after_push"] < r["vocab"]  # the fix
     assert r["gap_after_push"] < MATCH and r["gap_after_second_push"] < MATCH, r
     assert r["gap_stale"] > 100 * MATCH, r
 
 
+def test_cuda_push_through_vllms_own_loader_on_a_tied_model(wide_check):
+    """The GPU weight push, driven through vLLM's own Qwen3ForCausalLM (built in bf16 by vLLM's initializer) and its
+    real `load_weights`: the former push of one call per parameter fails on the tied head, exactly as on a GPU; the
+    streamed push loads every weight equal to the FSDP2 trainer's (cast to bf16 before the all-gather, so vLLM logs
+    no dtype warning, while the uncast fp32 stream draws one per non-widening load)."""
+    r = wide_check
+    assert r["vllm_model_class"] == "Qwen3ForCausalLM" and r["tied_in_vllm"]
+    assert "tied to 'model.embed_tokens.weight'" in r["per_parameter_push"], r["per_parameter_push"]
+    for aliases in (False, True):
+        assert r[f"max_abs_diff_vs_trainer_aliases_{aliases}"] == 0.0, r
+        assert r[f"dtype_warnings_cast_aliases_{aliases}"] == 0, r
+    assert r["lm_head_equals_trainer_head"] and r["params_checked"] > 20
+    assert r["dtype_warnings_uncast"] > 0
+
+
 def test_kdrl_vllm_push_and_its_control(tmp_path, warm):
     """kdrl.py through vLLM: the log-probs match at every step; with the push after each update skipped (the
-    engine keeps the step-0 weights) they stop matching from the second step on: the metric proves the push."""
+    engine keeps the step-0 weights) they stop matching from the second step on: the metric proves the push, and
+    the stale-weights guard warns at steps 2 and 3 and stops the run at step 4, naming the likely cause."""
     args = (*QUICK, "--total-steps", "3", "--eval-every", "3")
     run_script("kdrl.py", *args, "--output-dir", str(tmp_path / "ok"))
     assert max(logp_gaps(tmp_path / "ok")) < MATCH
     assert evaluated(tmp_path / "ok") == {"tiny_add", "tiny_mul", "tiny_lin"}  # evaluation through vLLM
     assert (tmp_path / "ok" / "final" / "config.json").exists()
 
-    # the control: the same run where only the first push (before step 1) reaches the engine
+    # the control: the same run, one step longer, where only the first push (before step 1) reaches the engine
     shim = ("import runpy, sys, engines\n"
             "push, n = engines.sync_weights, [0]\n"
             "def first_only(model, engine):\n"
@@ -70,11 +95,14 @@ def test_kdrl_vllm_push_and_its_control(tmp_path, warm):
             "engines.sync_weights = first_only\n"
             "sys.argv = ['kdrl.py', *sys.argv[1:]]\n"
             "runpy.run_path('kdrl.py', run_name='__main__')\n")
-    proc = __import__("subprocess").run([sys.executable, "-c", shim, *args, "--output-dir", str(tmp_path / "stale")],
-                                        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    stale = (*QUICK, "--total-steps", "5", "--eval-every", "0", "--output-dir", str(tmp_path / "stale"))
+    proc = __import__("subprocess").run([sys.executable, "-c", shim, *stale], cwd=ROOT, capture_output=True,
+                                        text=True, timeout=900)
+    assert proc.returncode != 0 and "stopping at step 4" in proc.stderr and "Traceback" not in proc.stderr, \
+        proc.stderr[-4000:]
+    assert "[step 2] warning: the rollout engine" in proc.stdout + proc.stderr
     gaps = logp_gaps(tmp_path / "stale")
-    assert gaps[0] < MATCH and min(gaps[1:]) > 10 * MATCH, gaps
+    assert len(gaps) == 4 and gaps[0] < MATCH and min(gaps[1:]) > 1e-3, gaps  # float32's limit (runtime.py)
 
 
 def test_kdrl_vllm_torchrun_two_ranks(tmp_path, warm):
