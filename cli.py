@@ -254,6 +254,9 @@ def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None, che
     if preset not in presets:
         usage_error(f"unknown --preset {preset!r}; choose from {sorted(presets)}")
     parser = HfArgumentParser(cls)
+    # read by the pre-parser above and dropped from argv; declared here too, so that --help names it
+    parser.add_argument("--config", default="", metavar="FILE", help="replay a run as a new one: its config.json (or "
+                        "a .json/.yaml of arguments) gives the defaults, explicit flags win")
     fields = {f.name for f in dataclasses.fields(cls)}
     bad = set(presets[preset]) - fields
     if bad:
@@ -266,7 +269,8 @@ def parse_args(cls, presets: dict[str, dict], argv: list[str] | None = None, che
         if unknown:
             usage_error(f"--config {known.config} sets {', '.join(unknown)}, which this script does not have")
         parser.set_defaults(**{k: v for k, v in replay.items() if k in fields} | {"output_dir": "", "resume": ""})
-    args, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False, return_remaining_strings=True)
+    args, _config, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
+                                                             return_remaining_strings=True)
     try:
         if rest:
             raise ValueError(unknown_flag_message(cls, rest))
