@@ -290,7 +290,7 @@ def section_perf(paths: dict, d, smoke: bool) -> dict:
             "teacher_forward_tokens_per_s": tokens / t_teacher,
             "mfu_student": 6 * n_params * tokens / t_update / peak,
             "mfu_with_teacher": (6 * n_params + 2 * n_teacher) * tokens / t_update / peak}
-    del opt, teacher
+    opt = teacher = None  # freed before the rollout engines start
     # rollouts from the student: the HF engine (and vLLM where it imports), after a push of the trained weights
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(paths["student"])
