@@ -256,8 +256,11 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
 
 
 def score(model, batch: common.Batch, vocab: int, args: Args):
-    """[B, T] log-probs of the response tokens under `model` as it is now (a pre-update snapshot), no gradient."""
-    return common.score_logprobs(model, batch, vocab, args.temperature, args.micro_batch_size, args.logprob_chunk)
+    """[B, T] log-probs of the response tokens under `model` as it is now (a pre-update snapshot), no gradient. The
+    root FSDP2 gathered for it is released: a frozen large model has no backward that would."""
+    logp_BT = common.score_logprobs(model, batch, vocab, args.temperature, args.micro_batch_size, args.logprob_chunk)
+    runtime.release(model)
+    return logp_BT
 
 
 def merge_groups(x, y, gx: int, gy: int, pad=0):

@@ -534,6 +534,7 @@ def main(args: Args) -> None:
             for p in (p for k in students for p in parts[k] if p.kind == "cross"):
                 p.teacher_logp_BT = common.score_logprobs(branches[p.teacher], p.batch, vocab, args.temperature,
                                                           args.micro_batch_size, args.logprob_chunk)
+                runtime.release(branches[p.teacher])  # its root stays gathered until its own backward otherwise
 
         # --- reward: verifier accuracy -> group advantages (Eq. rlvr), native parts only
         with meter.time("reward"):

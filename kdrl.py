@@ -271,6 +271,8 @@ def main(args: Args) -> None:
                             t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, teacher.get_output_embeddings(),
                                                                       common.response_targets(mb), vocab,
                                                                       args.temperature, args.logprob_chunk)
+                        if args.kd_estimator != "full":  # the full KL reads the teacher's head again in backward
+                            runtime.release(teacher)  # FSDP2 keeps a root gathered until a backward, which never comes
                     full_kl_BT = None
                     if args.kd_estimator == "full":  # exact Σ_v over the shared vocabulary, at each position
                         full_kl_BT = torch.zeros_like(mb.mask_BT) if teacher is None else common.to_grid(
@@ -283,6 +285,8 @@ def main(args: Args) -> None:
                                                                   kdm_B[rows], mb.mask_BT, beta, norm, args,
                                                                   full_kl_BT)
                     loss.backward()
+                    if teacher is not None:
+                        runtime.release(teacher)
                     with torch.no_grad():
                         m, diff_BT = mb.mask_BT, (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
                         meter.add({"loss/total": loss, "loss/pg": l_pg, "loss/kd": l_kd}, divide_by=len(updates))

@@ -283,6 +283,7 @@ def distill_update(stage: str, student, teacher, opt, batch, engine_logp_BT, voc
         loss_N = token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab, args)
         loss = common.agg_loss(common.to_grid(loss_N, mb), mb.mask_BT, args.loss_agg, norm)
         loss.backward()
+        runtime.release(teacher)  # its head was read for the last time in this backward (FSDP2 would keep it gathered)
         with torch.no_grad():
             meter.add({"loss/fkl" if stage == "2a" else "loss/opd": loss})
             kl = loss_N.sum().double()
