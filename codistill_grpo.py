@@ -370,8 +370,8 @@ def main(args: Args) -> None:
     engine = engines.make_engine(args.rollout, small_path, d, tok, vocab, args)
     # one vLLM engine per process (each reserves its own memory), and the models differ in shape: the large one uses HF
     large_engine = engines.make_engine("hf", large_path, d, tok, vocab, args) if G_own or args.eval_large else None
-    opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    opt_L = torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay) \
+    opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    opt_L = torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay, fused=True) \
         if args.train_large else None
     models = {"small": small} | ({"large": large} if args.train_large else {})  # what a checkpoint holds
     opts = {"small": opt} | ({"large": opt_L} if args.train_large else {})

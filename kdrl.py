@@ -208,7 +208,7 @@ def main(args: Args) -> None:
         runtime.check_same_tokenizer(tok, runtime.load_tokenizer(teacher_path), "--model", "--teacher")
         teacher = runtime.load_model(teacher_path, d, trainable=False, vocab=vocab)
     engine = engines.make_engine(args.rollout, student_path, d, tok, vocab, args)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)

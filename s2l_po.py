@@ -353,7 +353,7 @@ def main(args: Args) -> None:
     learner = runtime.load_model(learner_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     ref = runtime.load_model(learner_path, d, trainable=False, vocab=vocab) if args.kl_coef > 0 else None
     engine = engines.make_engine(args.rollout, learner_path, d, tok, vocab, args)
-    opt = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)

@@ -447,7 +447,7 @@ def main(args: Args) -> None:
         teacher = runtime.load_model(model_path["teacher"], d, trainable=False, vocab=vocab) if role == "student" \
             and stage in ("2a", "2b") else None
         lr = args.teacher_lr if role == "teacher" else args.lr
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
         grpo = stage in GRPO_STAGES
         per_step, G = (args.prompts_per_step, args.group_size) if grpo else \
             (args.distill_prompts_per_step, args.distill_group_size)
