@@ -77,6 +77,29 @@ class Phases:
                 "update_s": sum(self.time.values()), "update_peak_gib": max(self.peak.values()) / GIB}
 
 
+def gathered_bytes(model) -> int:
+    """Bytes of the parameters an FSDP2 model holds gathered (registered unsharded) right now."""
+    from torch.distributed.tensor import DTensor
+    return sum(p.untyped_storage().nbytes() for p in model.parameters() if not isinstance(p, DTensor))
+
+
+@contextmanager
+def saved_activations(out: dict):
+    """out["bytes"]: the tensors autograd saves for backward inside the block, parameters (and views of them)
+    excluded: a model's activation memory, exactly, whatever the allocator does."""
+    import torch
+    seen = {}
+
+    def pack(t):
+        if not isinstance(t._base if t._base is not None else t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+    out["bytes"] = sum(seen.values())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The model and the batch
 # ----------------------------------------------------------------------------------------------------------
@@ -130,20 +153,24 @@ def run_ours(a, path: Path) -> dict:
     head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
     base = rss()
     ph = Phases(base)
-    rows = []
+    rows, costs = [], {}
     for _ in range(a.updates):
         ph = Phases(base)
         for update in runtime.minibatches(batch, a.micro_batch, 1):
             for rows_, mb, norm in runtime.accumulate(student, update, a.response):
                 targets_N = common.response_targets(mb)
-                with ph("student forward"):
+                acts = {}
+                with ph("student forward"), saved_activations(acts):
                     h_NH = common.response_hidden(student, mb)
+                costs.setdefault("activation_bytes_per_token", acts["bytes"] / mb.ids_BT.numel())
+                costs.setdefault("student_gathered_after_forward_bytes", gathered_bytes(student))
                 with ph("student head + log-softmax"):
                     logp_N, _ = common.logprobs_from_hidden(h_NH, head, targets_N, TOKENIZER_VOCAB, 1.0, a.chunk)
                 with ph("teacher forward + head"), torch.no_grad():
                     h_t_NH = common.response_hidden(teacher, mb)
                     t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, t_head, targets_N, TOKENIZER_VOCAB, 1.0,
                                                               a.chunk)
+                    costs.setdefault("teacher_gathered_after_scoring_bytes", gathered_bytes(teacher))
                     runtime.release(teacher)  # as kdrl.py does for its k2 estimator
                 with ph("loss"):
                     logp_BT = common.to_grid(logp_N, mb)
@@ -155,8 +182,9 @@ def run_ours(a, path: Path) -> dict:
             with ph("clip + AdamW step"):
                 runtime.optimizer_step(student, opt, 1.0, runtime.Meter())
         rows.append(ph.row() | {"rss_after_gib": (rss() - base) / GIB})
+    costs["teacher_gathered_after_release_bytes"] = gathered_bytes(teacher)
     runtime.finish()
-    return {"base_gib": base / GIB, "updates": rows}
+    return {"base_gib": base / GIB, "updates": rows, "costs": costs}
 
 
 def run_trl(a, path: Path) -> dict:
@@ -254,6 +282,13 @@ def table(res: dict, a) -> str:
             u = res[side]["updates"][-1]
             lines += [f"{side}: phase | s | peak above base (GiB)", "|---|---|---|"]
             lines += [f"| {k} | {v['s']:.1f} | {v['peak_gib']:.2f} |" for k, v in u["phases"].items()] + [""]
+    if "ours" in res:
+        c = res["ours"]["costs"]
+        lines += [f"ours, measured: activations saved for backward {c['activation_bytes_per_token'] / 2**20:.2f} MiB "
+                  f"per token ({c['activation_bytes_per_token'] / a.layers / 1024:.0f} KiB per token per layer); FSDP2 "
+                  f"root gathered after forward: student {c['student_gathered_after_forward_bytes'] / GIB:.2f} GiB, "
+                  f"teacher {c['teacher_gathered_after_scoring_bytes'] / GIB:.2f} GiB after scoring, "
+                  f"{c['teacher_gathered_after_release_bytes'] / GIB:.2f} GiB after runtime.release", ""]
     for kind in ("hf", "vllm"):
         if f"push-{kind}" in res:
             r = res[f"push-{kind}"]
