@@ -285,7 +285,7 @@ def main(args: Args) -> None:
                                                                   kdm_B[rows], mb.mask_BT, beta, norm, args,
                                                                   full_kl_BT)
                     loss.backward()
-                    if teacher is not None:
+                    if teacher is not None:  # the full KL read the teacher's head in this backward
                         runtime.release(teacher)
                     with torch.no_grad():
                         m, diff_BT = mb.mask_BT, (logp_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
