@@ -33,7 +33,7 @@ import re
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def saved_activations(out: dict):
     def pack(t):
         if not isinstance(t._base if t._base is not None else t, torch.nn.Parameter):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()  # the tensor itself would make a saved output hold its own graph alive (a cycle)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield
@@ -160,9 +160,9 @@ def run_ours(a, path: Path) -> dict:
             for rows_, mb, norm in runtime.accumulate(student, update, a.response):
                 targets_N = common.response_targets(mb)
                 acts = {}
-                with ph("student forward"), saved_activations(acts):
+                with ph("student forward"), saved_activations(acts) if not costs else nullcontext():
                     h_NH = common.response_hidden(student, mb)
-                costs.setdefault("activation_bytes_per_token", acts["bytes"] / mb.ids_BT.numel())
+                costs.setdefault("activation_bytes_per_token", acts.get("bytes", 0) / mb.ids_BT.numel())
                 costs.setdefault("student_gathered_after_forward_bytes", gathered_bytes(student))
                 with ph("student head + log-softmax"):
                     logp_N, _ = common.logprobs_from_hidden(h_NH, head, targets_N, TOKENIZER_VOCAB, 1.0, a.chunk)
