@@ -238,6 +238,27 @@ def run_trl(a, path: Path) -> dict:
     return {"base_gib": base / GIB, "updates": rows, "optimizer": type(opt).__name__ + str(opt.defaults.get("fused"))}
 
 
+def run_frozen(a, path: Path) -> dict:
+    """Under torchrun: what a frozen FSDP2 model holds per rank after a no_grad score, and after runtime.release."""
+    import common
+    import runtime
+
+    d = runtime.init_distributed()
+    teacher = runtime.load_model(str(path), d, trainable=False, vocab=TOKENIZER_VOCAB)
+    prompts, responses, _ = make_batch(a)
+    mb = common.Batch.of(prompts[:1], [r[:64] for r in responses[:1]], 0, d.device)
+    before, r0 = gathered_bytes(teacher), rss()
+    common.score_logprobs(teacher, mb, TOKENIZER_VOCAB, 1.0, 1, a.chunk)
+    scored, r1 = gathered_bytes(teacher), rss()
+    runtime.release(teacher)
+    released, r2 = gathered_bytes(teacher), rss()
+    out = runtime.gather_objects({"gathered_before_bytes": before, "gathered_after_scoring_bytes": scored,
+                                  "gathered_after_release_bytes": released, "rss_scoring_gib": (r1 - r0) / GIB,
+                                  "rss_release_gib": (r2 - r1) / GIB}, d)
+    runtime.finish()
+    return {"world": d.world, "ranks": out}
+
+
 def run_push(a, path: Path, kind: str) -> dict:
     import runtime
     import engines
@@ -289,6 +310,12 @@ def table(res: dict, a) -> str:
                   f"root gathered after forward: student {c['student_gathered_after_forward_bytes'] / GIB:.2f} GiB, "
                   f"teacher {c['teacher_gathered_after_scoring_bytes'] / GIB:.2f} GiB after scoring, "
                   f"{c['teacher_gathered_after_release_bytes'] / GIB:.2f} GiB after runtime.release", ""]
+    if "frozen" in res:
+        r = res["frozen"]["ranks"][0]
+        lines += [f"frozen model on {res['frozen']['world']} gloo ranks, rank 0: gathered after loading "
+                  f"{r['gathered_before_bytes'] / GIB:.2f} GiB, after a no_grad score {r['gathered_after_scoring_bytes'] / GIB:.2f}"
+                  f" GiB (RSS {r['rss_scoring_gib']:+.2f} GiB), after runtime.release "
+                  f"{r['gathered_after_release_bytes'] / GIB:.2f} GiB (RSS {r['rss_release_gib']:+.2f} GiB)", ""]
     for kind in ("hf", "vllm"):
         if f"push-{kind}" in res:
             r = res[f"push-{kind}"]
@@ -302,7 +329,8 @@ def table(res: dict, a) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sides", default="ours,trl,push-hf,push-vllm", help="comma-separated, each in its own process")
+    ap.add_argument("--sides", default="ours,trl,frozen,push-hf,push-vllm", help="comma-separated, each in its own "
+                    "process (frozen: two gloo ranks under torchrun)")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=64)
@@ -317,8 +345,9 @@ def main() -> None:
     if a.child:
         path = model_dir(a.layers)
         res = run_ours(a, path) if a.child == "ours" else run_trl(a, path) if a.child == "trl" else \
-            run_push(a, path, a.child.split("-")[1])
-        print("RESULT " + json.dumps(res))
+            run_frozen(a, path) if a.child == "frozen" else run_push(a, path, a.child.split("-")[1])
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(res))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     model_dir(a.layers)
@@ -326,7 +355,9 @@ def main() -> None:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("sides", "child", "tag")]
     for side in a.sides.split(","):
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, __file__, "--child", side, *flags], capture_output=True, text=True, cwd=ROOT)
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
+            if side == "frozen" else [sys.executable]  # two gloo ranks: what FSDP2 keeps gathered per rank
+        p = subprocess.run([*launch, __file__, "--child", side, *flags], capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             print(f"{side} failed:\n{p.stderr[-3000:]}", flush=True)
