@@ -238,25 +238,38 @@ def run_trl(a, path: Path) -> dict:
     return {"base_gib": base / GIB, "updates": rows, "optimizer": type(opt).__name__ + str(opt.defaults.get("fused"))}
 
 
-def run_frozen(a, path: Path) -> dict:
-    """Under torchrun: what a frozen FSDP2 model holds per rank after a no_grad score, and after runtime.release."""
+def run_fsdp2(a, path: Path) -> dict:
+    """Under torchrun, per rank: what a frozen FSDP2 model holds gathered after a no_grad score and after
+    runtime.release; and the resident growth after each of two micro-batches' backward of a trained model, with the
+    gradient reduce-scatter deferred to the last micro-batch (`runtime.accumulate`) and done after every one."""
     import common
     import runtime
 
     d = runtime.init_distributed()
     teacher = runtime.load_model(str(path), d, trainable=False, vocab=TOKENIZER_VOCAB)
+    student = runtime.load_model(str(path), d, trainable=True, vocab=TOKENIZER_VOCAB)
     prompts, responses, _ = make_batch(a)
-    mb = common.Batch.of(prompts[:1], [r[:64] for r in responses[:1]], 0, d.device)
-    before, r0 = gathered_bytes(teacher), rss()
-    common.score_logprobs(teacher, mb, TOKENIZER_VOCAB, 1.0, 1, a.chunk)
-    scored, r1 = gathered_bytes(teacher), rss()
+    mbs = [(None, common.Batch.of(prompts[i:i + 1], [responses[i][:64]], 0, d.device)) for i in range(2)]
+    out = {"gathered_before_bytes": gathered_bytes(teacher)}
+    r0 = rss()
+    common.score_logprobs(teacher, mbs[0][1], TOKENIZER_VOCAB, 1.0, 1, a.chunk)
+    out |= {"gathered_after_scoring_bytes": gathered_bytes(teacher), "rss_scoring_gib": (rss() - r0) / GIB}
+    r0 = rss()
     runtime.release(teacher)
-    released, r2 = gathered_bytes(teacher), rss()
-    out = runtime.gather_objects({"gathered_before_bytes": before, "gathered_after_scoring_bytes": scored,
-                                  "gathered_after_release_bytes": released, "rss_scoring_gib": (r1 - r0) / GIB,
-                                  "rss_release_gib": (r2 - r1) / GIB}, d)
+    out |= {"gathered_after_release_bytes": gathered_bytes(teacher), "rss_release_gib": (rss() - r0) / GIB}
+    for mode in ("deferred", "every"):
+        r0, growth = rss(), []
+        for _, mb, _ in runtime.accumulate(student, mbs, 64):
+            if mode == "every":
+                student.set_requires_gradient_sync(True)
+            common.token_logprobs(student, mb, TOKENIZER_VOCAB, 1.0, a.chunk)[0].sum().backward()
+            growth.append((rss() - r0) / GIB)
+        out[f"grad_sync_{mode}_rss_gib"] = growth
+        student.zero_grad(set_to_none=True)
+    out["params_bytes"] = sum(p.numel() * p.element_size() for p in student.parameters())
+    ranks = runtime.gather_objects(out, d)
     runtime.finish()
-    return {"world": d.world, "ranks": out}
+    return {"world": d.world, "ranks": ranks}
 
 
 def run_push(a, path: Path, kind: str) -> dict:
@@ -310,12 +323,15 @@ def table(res: dict, a) -> str:
                   f"root gathered after forward: student {c['student_gathered_after_forward_bytes'] / GIB:.2f} GiB, "
                   f"teacher {c['teacher_gathered_after_scoring_bytes'] / GIB:.2f} GiB after scoring, "
                   f"{c['teacher_gathered_after_release_bytes'] / GIB:.2f} GiB after runtime.release", ""]
-    if "frozen" in res:
-        r = res["frozen"]["ranks"][0]
-        lines += [f"frozen model on {res['frozen']['world']} gloo ranks, rank 0: gathered after loading "
-                  f"{r['gathered_before_bytes'] / GIB:.2f} GiB, after a no_grad score {r['gathered_after_scoring_bytes'] / GIB:.2f}"
-                  f" GiB (RSS {r['rss_scoring_gib']:+.2f} GiB), after runtime.release "
-                  f"{r['gathered_after_release_bytes'] / GIB:.2f} GiB (RSS {r['rss_release_gib']:+.2f} GiB)", ""]
+    if "fsdp2" in res:
+        r, g = res["fsdp2"]["ranks"][0], lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        lines += [f"FSDP2 on {res['fsdp2']['world']} gloo ranks, rank 0, a model of {g(r['params_bytes'])}: a frozen "
+                  f"model holds {g(r['gathered_before_bytes'])} gathered after loading, "
+                  f"{g(r['gathered_after_scoring_bytes'])} after a no_grad score (RSS {r['rss_scoring_gib']:+.2f} GiB), "
+                  f"{g(r['gathered_after_release_bytes'])} after runtime.release (RSS {r['rss_release_gib']:+.2f} GiB); "
+                  f"a trained model's RSS growth after the backward of micro-batch 1, 2: reduce-scatter on the last only "
+                  f"{', '.join(f'{x:+.2f}' for x in r['grad_sync_deferred_rss_gib'])} GiB, after every one "
+                  f"{', '.join(f'{x:+.2f}' for x in r['grad_sync_every_rss_gib'])} GiB", ""]
     for kind in ("hf", "vllm"):
         if f"push-{kind}" in res:
             r = res[f"push-{kind}"]
@@ -329,8 +345,8 @@ def table(res: dict, a) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sides", default="ours,trl,frozen,push-hf,push-vllm", help="comma-separated, each in its own "
-                    "process (frozen: two gloo ranks under torchrun)")
+    ap.add_argument("--sides", default="ours,trl,fsdp2,push-hf,push-vllm", help="comma-separated, each in its own "
+                    "process (fsdp2: two gloo ranks under torchrun)")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=64)
@@ -345,7 +361,7 @@ def main() -> None:
     if a.child:
         path = model_dir(a.layers)
         res = run_ours(a, path) if a.child == "ours" else run_trl(a, path) if a.child == "trl" else \
-            run_frozen(a, path) if a.child == "frozen" else run_push(a, path, a.child.split("-")[1])
+            run_fsdp2(a, path) if a.child == "fsdp2" else run_push(a, path, a.child.split("-")[1])
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(res))
         return
@@ -356,7 +372,7 @@ def main() -> None:
     for side in a.sides.split(","):
         t0 = time.perf_counter()
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
-            if side == "frozen" else [sys.executable]  # two gloo ranks: what FSDP2 keeps gathered per rank
+            if side == "fsdp2" else [sys.executable]  # two gloo ranks: what FSDP2 holds per rank
         p = subprocess.run([*launch, __file__, "--child", side, *flags], capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
