@@ -258,8 +258,11 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
 
 
 def score(model, batch: common.Batch, vocab: int, args: Args):
-    """[B, T] log-probs of the response tokens under `model` as it is now (a pre-update snapshot), no gradient."""
-    return common.score_logprobs(model, batch, vocab, args.temperature, args.micro_batch_size, args.logprob_chunk)
+    """[B, T] log-probs of the response tokens under `model` as it is now (a pre-update snapshot), no gradient. The
+    root FSDP2 gathered for it is released: a frozen large model has no backward that would."""
+    logp_BT = common.score_logprobs(model, batch, vocab, args.temperature, args.micro_batch_size, args.logprob_chunk)
+    runtime.release(model)
+    return logp_BT
 
 
 def merge_groups(x, y, gx: int, gy: int, pad=0):
@@ -370,8 +373,8 @@ def main(args: Args) -> None:
     engine = engines.make_engine(args.rollout, small_path, d, tok, vocab, args)
     # one vLLM engine per process (each reserves its own memory), and the models differ in shape: the large one uses HF
     large_engine = engines.make_engine("hf", large_path, d, tok, vocab, args) if G_own or args.eval_large else None
-    opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    opt_L = torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay) \
+    opt = torch.optim.AdamW(small.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    opt_L = torch.optim.AdamW(large.parameters(), lr=args.large_lr, weight_decay=args.weight_decay, fused=True) \
         if args.train_large else None
     models = {"small": small} | ({"large": large} if args.train_large else {})  # what a checkpoint holds
     opts = {"small": opt} | ({"large": opt_L} if args.train_large else {})

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from verifiers import normalize_answer
 
@@ -121,7 +120,10 @@ class LossNorm:
 # A [B, T, V] logits tensor at V = 151,936 is 4.9 GB per 8K tokens in float32; two models' worth is what OOMs
 # distillation runs. So the model runs without its LM head (`logits_to_keep=1`), the final hidden states of the
 # positions that predict response tokens are gathered to [N, H], and the head + log-softmax run on `chunk`
-# tokens at a time, recomputed in backward (activation checkpointing) so that only [chunk, V] ever exists.
+# tokens at a time, recomputed in backward, so that only [chunk, V] ever exists. Both the log-probs of given
+# tokens and the full-vocabulary KLs are autograd Functions that keep one logsumexp per token from forward, recompute
+# a chunk's logits in backward, turn them into their gradient in place, and sum the head's gradient over the chunks
+# into one float32 buffer: one or two float32 [chunk, V] tensors live at a time, never a per-chunk [V, H].
 
 @dataclass
 class Batch:
@@ -191,34 +193,121 @@ def to_grid(x_N: torch.Tensor, batch: Batch) -> torch.Tensor:
     return F.pad(torch.zeros(sel.shape, dtype=x_N.dtype, device=x_N.device).masked_scatter(sel, x_N), (1, 0))
 
 
-def _head_logits(h_nH, head, vocab: int, temperature: float) -> torch.Tensor:
-    w = head.weight[:vocab]  # Qwen pads the embedding past len(tokenizer): those ids are never real tokens
-    b = head.bias[:vocab] if head.bias is not None else None
-    return F.linear(h_nH, w, b).float() / temperature
+def _logits(h_nH, weight, bias, vocab: int, temperature: float = 1.0) -> torch.Tensor:
+    """A fresh float32 [n, vocab] tensor of logits / temperature, free to be overwritten in place."""
+    # Qwen pads the embedding past len(tokenizer): those ids are never real tokens, so the head is sliced to them
+    z_nV = F.linear(h_nH, weight[:vocab], None if bias is None else bias[:vocab]).float()
+    return z_nV if temperature == 1.0 else z_nV.div_(temperature)
 
 
-def _chunked(fn, tensors: list[torch.Tensor], chunk: int) -> torch.Tensor:
-    """Apply fn to row-chunks of `tensors`, recomputing each chunk in backward when gradients are needed."""
-    outs = []
-    for i in range(0, tensors[0].shape[0], chunk):
-        part = [t[i:i + chunk] for t in tensors]
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in part)
-        outs.append(checkpoint(fn, *part, use_reentrant=False) if needs_grad else fn(*part))
-    return torch.cat(outs) if outs else tensors[0].new_zeros((0,), dtype=torch.float32)
+class _HeadGrads:
+    """The gradients of h [N, H] and of the head's weight and bias from the logits' gradient of each chunk: the
+    products in the weights' dtype (bf16 on GPUs), the head's sums over chunks in one float32 buffer per call (not a
+    [V, H] tensor per chunk)."""
+
+    def __init__(self, ctx, h_NH, weight, bias):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        self.weight, self.bias = weight, bias
+        self.h = torch.empty_like(h_NH) if need_h else None
+        self.w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        self.b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+
+    def add(self, i: int, gz_nV, h_nH) -> None:
+        V = gz_nV.shape[1]
+        if self.h is not None:
+            self.h[i:i + len(gz_nV)] = gz_nV.to(self.weight.dtype) @ self.weight[:V]
+        if self.w is not None:
+            gzt_Vn = gz_nV.t().to(h_nH.dtype)
+            if h_nH.dtype == torch.float32:
+                self.w[:V].addmm_(gzt_Vn, h_nH)
+            else:
+                self.w[:V] += gzt_Vn @ h_nH
+        if self.b is not None:
+            self.b[:V] += gz_nV.sum(0)
+
+    def result(self) -> tuple:
+        return (self.h, None if self.w is None else self.w.to(self.weight.dtype),
+                None if self.b is None else self.b.to(self.bias.dtype))
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log π(y_n | s_n) = z_n[y_n] − logsumexp(z_n), z_n = (W h_n + b)[:vocab] / T, and the entropy of π(· | s_n), one
+    chunk of tokens at a time. Forward keeps only logsumexp per token; backward recomputes a chunk's logits and
+    overwrites them with their gradient g_n (1[v = y_n] − π(v | s_n)) / T, so that one float32 [chunk, V] tensor
+    lives at a time. The entropy is for metrics: no gradient flows through it."""
+
+    @staticmethod
+    def forward(ctx, h_NH, weight, bias, targets_N, vocab: int, temperature: float, chunk: int):
+        logp_N, ent_N, lse_N = (h_NH.new_empty(h_NH.shape[0], dtype=torch.float32) for _ in range(3))
+        for i in range(0, h_NH.shape[0], chunk):
+            z_nV = _logits(h_NH[i:i + chunk], weight, bias, vocab, temperature)
+            lse_n = z_nV.logsumexp(-1)
+            logp_N[i:i + chunk] = z_nV.gather(1, targets_N[i:i + chunk, None]).squeeze(1) - lse_n
+            logp_nV = z_nV.sub_(lse_n[:, None])
+            ent_N[i:i + chunk] = -logp_nV.exp().mul_(logp_nV).sum(-1)
+            lse_N[i:i + chunk] = lse_n
+        ctx.save_for_backward(h_NH, weight, bias, targets_N, lse_N)
+        ctx.vocab, ctx.temperature, ctx.chunk = vocab, temperature, chunk
+        ctx.mark_non_differentiable(ent_N)
+        return logp_N, ent_N
+
+    @staticmethod
+    def backward(ctx, g_N, _):
+        h_NH, weight, bias, targets_N, lse_N = ctx.saved_tensors
+        grads = _HeadGrads(ctx, h_NH, weight, bias)
+        for i in range(0, h_NH.shape[0], ctx.chunk):
+            h_nH, g_n = h_NH[i:i + ctx.chunk], g_N[i:i + ctx.chunk, None].float()
+            z_nV = _logits(h_nH, weight, bias, ctx.vocab, ctx.temperature)
+            gz_nV = z_nV.sub_(lse_N[i:i + ctx.chunk, None]).exp_().mul_(-g_n)       # −g π
+            gz_nV.scatter_add_(1, targets_N[i:i + ctx.chunk, None], g_n)             # + g 1[v = y]
+            grads.add(i, gz_nV if ctx.temperature == 1.0 else gz_nV.div_(ctx.temperature), h_nH)
+        return *grads.result(), None, None, None, None
 
 
 def logprobs_from_hidden(h_NH, head, targets_N, vocab: int, temperature: float = 1.0, chunk: int = 1024):
     """log pi(y_n | s_n) [N] of the given tokens, and the entropy of pi(. | s_n) [N] (detached, for metrics)."""
-    def fn(h, y):
-        logp_nV = _head_logits(h, head, vocab, temperature).log_softmax(-1)
-        with torch.no_grad():
-            ent_n = -(logp_nV.exp() * logp_nV).sum(-1)
-        return torch.stack([logp_nV.gather(1, y[:, None]).squeeze(1), ent_n], 1)
+    logp_N, ent_N = _TokenLogprobs.apply(h_NH, head.weight, head.bias, targets_N, vocab, temperature, chunk)
+    return logp_N, ent_N.detach()
 
-    out_N2 = _chunked(fn, [h_NH, targets_N], chunk)
-    if out_N2.ndim == 1:
-        return out_N2, out_N2
-    return out_N2[:, 0], out_N2[:, 1].detach()
+
+class _FullKL(torch.autograd.Function):
+    """Exact KL per position over the vocabulary between π = softmax(W h + b) (gradient) and a reference π_ref (none),
+    one chunk at a time, log-probs recomputed in backward from the saved logsumexps:
+    reverse KL(π ‖ π_ref): dKL/dz = π (log π − log π_ref − KL);  forward KL(π_ref ‖ π): dKL/dz = π − π_ref."""
+
+    @staticmethod
+    def forward(ctx, h_NH, weight, bias, h_ref_NH, w_ref, b_ref, vocab: int, reverse: bool, chunk: int):
+        kl_N, lse_N, lse_ref_N = (h_NH.new_empty(h_NH.shape[0], dtype=torch.float32) for _ in range(3))
+        for i in range(0, h_NH.shape[0], chunk):
+            z_nV = _logits(h_NH[i:i + chunk], weight, bias, vocab)
+            zr_nV = _logits(h_ref_NH[i:i + chunk], w_ref, b_ref, vocab)
+            lse_N[i:i + chunk], lse_ref_N[i:i + chunk] = z_nV.logsumexp(-1), zr_nV.logsumexp(-1)
+            logp_nV, logq_nV = z_nV.sub_(lse_N[i:i + chunk, None]), zr_nV.sub_(lse_ref_N[i:i + chunk, None])
+            # in place, left to right: the difference reads both log-probs before one is exponentiated
+            if reverse:   # Σ_v π (log π − log π_ref)
+                d_nV, w_nV = logq_nV.neg_().add_(logp_nV), logp_nV.exp_()
+            else:         # Σ_v π_ref (log π_ref − log π)
+                d_nV, w_nV = logp_nV.neg_().add_(logq_nV), logq_nV.exp_()
+            kl_N[i:i + chunk] = d_nV.mul_(w_nV).sum(-1)
+        ctx.save_for_backward(h_NH, weight, bias, h_ref_NH, w_ref, b_ref, lse_N, lse_ref_N, kl_N)
+        ctx.vocab, ctx.reverse, ctx.chunk = vocab, reverse, chunk
+        return kl_N
+
+    @staticmethod
+    def backward(ctx, g_N):
+        h_NH, weight, bias, h_ref_NH, w_ref, b_ref, lse_N, lse_ref_N, kl_N = ctx.saved_tensors
+        grads, c = _HeadGrads(ctx, h_NH, weight, bias), ctx.chunk
+        for i in range(0, h_NH.shape[0], c):
+            h_nH, g_n = h_NH[i:i + c], g_N[i:i + c, None].float()
+            logp_nV = _logits(h_nH, weight, bias, ctx.vocab).sub_(lse_N[i:i + c, None])
+            logq_nV = _logits(h_ref_NH[i:i + c], w_ref, b_ref, ctx.vocab).sub_(lse_ref_N[i:i + c, None])
+            if ctx.reverse:
+                d_nV = logq_nV.neg_().add_(logp_nV).sub_(kl_N[i:i + c, None])
+                gz_nV = d_nV.mul_(logp_nV.exp_()).mul_(g_n)
+            else:
+                gz_nV = logp_nV.exp_().sub_(logq_nV.exp_()).mul_(g_n)
+            grads.add(i, gz_nV, h_nH)
+        return *grads.result(), None, None, None, None, None, None
 
 
 def kl_from_hidden(h_NH, head, h_ref_NH, head_ref, vocab: int, direction: str, chunk: int = 1024):
@@ -226,14 +315,9 @@ def kl_from_hidden(h_NH, head, h_ref_NH, head_ref, vocab: int, direction: str, c
     `reverse` = KL(pi || pi_ref) (on-policy distillation), `forward` = KL(pi_ref || pi) (supervised KD)."""
     if direction not in ("reverse", "forward"):
         raise ValueError(f"unknown KL direction {direction!r}; use 'reverse' or 'forward'")
-
-    def fn(h, h_ref):
-        logits_nV = _head_logits(h, head, vocab, 1.0)
-        with torch.no_grad():
-            ref_nV = _head_logits(h_ref, head_ref, vocab, 1.0)
-        return kl_from_logits(logits_nV, ref_nV) if direction == "reverse" else kl_from_logits(ref_nV, logits_nV)
-
-    return _chunked(fn, [h_NH, h_ref_NH], chunk)
+    b_ref = None if head_ref.bias is None else head_ref.bias.detach()
+    return _FullKL.apply(h_NH, head.weight, head.bias, h_ref_NH.detach(), head_ref.weight.detach(), b_ref, vocab,
+                         direction == "reverse", chunk)
 
 
 def token_logprobs(model, batch: Batch, vocab: int, temperature: float = 1.0, chunk: int = 1024):

@@ -463,7 +463,8 @@ def main(args: Args) -> None:
     branches = [runtime.load_model(base_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
                 for _ in range(cfg.n_models)]
     engine = engines.make_engine(args.rollout, base_path, d, tok, vocab, args)  # one engine, weights pushed per branch
-    opts = [torch.optim.AdamW(b.parameters(), lr=args.lr, weight_decay=args.weight_decay) for b in branches]
+    opts = [torch.optim.AdamW(b.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+            for b in branches]
     rows, benches, streams = load_data(args, cfg, d)
     verify = {kind: verifiers.Grader(args.grader_workers, args.grader_timeout,
                                      "answer_tag" if kind == "math_tag" else args.answer_format)
@@ -534,6 +535,7 @@ def main(args: Args) -> None:
             for p in (p for k in students for p in parts[k] if p.kind == "cross"):
                 p.teacher_logp_BT = common.score_logprobs(branches[p.teacher], p.batch, vocab, args.temperature,
                                                           args.micro_batch_size, args.logprob_chunk)
+                runtime.release(branches[p.teacher])  # its root stays gathered until its own backward otherwise
 
         # --- reward: verifier accuracy -> group advantages (Eq. rlvr), native parts only
         with meter.time("reward"):

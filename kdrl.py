@@ -211,7 +211,7 @@ def main(args: Args) -> None:
                                      allow_template_mismatch=args.allow_template_mismatch)
         teacher = runtime.load_model(teacher_path, d, trainable=False, vocab=vocab)
     engine = engines.make_engine(args.rollout, student_path, d, tok, vocab, args)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
@@ -274,6 +274,8 @@ def main(args: Args) -> None:
                             t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, teacher.get_output_embeddings(),
                                                                       common.response_targets(mb), vocab,
                                                                       args.temperature, args.logprob_chunk)
+                        if args.kd_estimator != "full":  # the full KL reads the teacher's head again in backward
+                            runtime.release(teacher)  # FSDP2 keeps a root gathered until a backward, which never comes
                     full_kl_BT = None
                     if args.kd_estimator == "full":  # exact Σ_v over the shared vocabulary, at each position
                         full_kl_BT = torch.zeros_like(mb.mask_BT) if teacher is None else common.to_grid(
@@ -286,6 +288,8 @@ def main(args: Args) -> None:
                                                                   kdm_B[rows], mb.mask_BT, beta, norm, args,
                                                                   full_kl_BT)
                     loss.backward()
+                    if teacher is not None:  # the full KL read the teacher's head in this backward
+                        runtime.release(teacher)
                     with torch.no_grad():
                         m, diff_BT = mb.mask_BT, (old_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
                         meter.add({"loss/total": loss, "loss/pg": l_pg, "loss/kd": l_kd}, divide_by=len(updates))

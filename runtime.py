@@ -298,6 +298,18 @@ def load_model(path: str, d: Dist, *, trainable: bool, vocab: int, grad_ckpt: bo
     return model
 
 
+def release(model) -> None:
+    """Free the root parameters (embeddings, final norm, LM head) that FSDP2 keeps gathered after a forward. It
+    reshards the root only in backward, so a model scored under no_grad (a frozen teacher or reference, a partner)
+    would hold its whole head on every rank until its next backward, for a frozen model for the rest of the run:
+    a 7B Qwen's two 152K x 3,584 matrices are 2.2 GB per rank in bf16. Call it once the step has read the head for
+    the last time (`common.logprobs_from_hidden` after the forward; a full-vocabulary KL in the student's backward);
+    the next forward gathers the root again."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def full_params(model, dtype: torch.dtype | None = None, aliases: bool = True):
     """(name, full tensor) for every parameter of an FSDP2 model, one all-gather at a time: every rank must
     iterate, in the same order; the peak is one parameter, never the whole model. With `dtype` (the rollout engine's),

@@ -356,7 +356,7 @@ def main(args: Args) -> None:
     learner = runtime.load_model(learner_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
     ref = runtime.load_model(learner_path, d, trainable=False, vocab=vocab) if args.kl_coef > 0 else None
     engine = engines.make_engine(args.rollout, learner_path, d, tok, vocab, args)
-    opt = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(learner.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
     stream = common.PromptStream(rows, args.prompts_per_step, d.rank, d.world, args.seed)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
@@ -416,6 +416,7 @@ def main(args: Args) -> None:
                             r_logp_N, _ = common.logprobs_from_hidden(h_r_NH, ref.get_output_embeddings(),
                                                                       common.response_targets(mb), vocab,
                                                                       args.temperature, args.logprob_chunk)
+                        runtime.release(ref)  # FSDP2 keeps a root gathered until a backward, which never comes
                     logp_BT, ref_logp_BT = common.to_grid(logp_N, mb), common.to_grid(r_logp_N, mb)
                     old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
                     e_BT, e_logp_BT = expl_BT[rows, :mb.T], engine_logp_BT[rows, :mb.T]

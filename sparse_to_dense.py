@@ -285,6 +285,7 @@ def distill_update(stage: str, student, teacher, opt, batch, engine_logp_BT, voc
         loss_N = token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab, args)
         loss = common.agg_loss(common.to_grid(loss_N, mb), mb.mask_BT, args.loss_agg, norm)
         loss.backward()
+        runtime.release(teacher)  # its head was read for the last time in this backward (FSDP2 would keep it gathered)
         with torch.no_grad():
             meter.add({"loss/fkl" if stage == "2a" else "loss/opd": loss})
             kl = loss_N.sum().double()
@@ -449,7 +450,7 @@ def main(args: Args) -> None:
         teacher = runtime.load_model(model_path["teacher"], d, trainable=False, vocab=vocab) if role == "student" \
             and stage in ("2a", "2b") else None
         lr = args.teacher_lr if role == "teacher" else args.lr
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
         grpo = stage in GRPO_STAGES
         per_step, G = (args.prompts_per_step, args.group_size) if grpo else \
             (args.distill_prompts_per_step, args.distill_group_size)

@@ -1,5 +1,6 @@
 """Helper for tests/test_runtime.py, run under torchrun: FSDP2 gradients through the chunked LM head vs an unsharded
-model, weight sync into the rollout engine, and a DCP checkpoint that reloads on another world size.
+model, the memory a frozen model holds after scoring, weight sync into the rollout engine, and a DCP checkpoint that
+reloads on another world size.
 
     torchrun --nproc_per_node 2 tests/fsdp_check.py DIR        # check, then save DIR/run/checkpoints/step_1
     python tests/fsdp_check.py DIR --reload                    # reload that checkpoint on one rank
@@ -12,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 import common  # noqa: E402
 import engines  # noqa: E402
@@ -60,6 +62,18 @@ def main(out: Path, reload: bool) -> None:
     for name, p in model.named_parameters():
         gfull = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         torch.testing.assert_close(gfull, ref_grads[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+    # A frozen model scored the way the scripts score a teacher holds only its shards once released: FSDP2 leaves
+    # the root (embeddings, norm, head) gathered after a no_grad forward, and no backward ever frees it.
+    frozen = runtime.load_model(str(path), d, trainable=False, vocab=44)
+    common.score_logprobs(frozen, common.Batch.of(prompts, resps, 0, "cpu"), 44, 1.0, 2, chunk=3)
+    runtime.release(frozen)
+    gathered = {n: p.untyped_storage().nbytes() for n, p in frozen.named_parameters() if not isinstance(p, DTensor)}
+    shards = sum(p.to_local().untyped_storage().nbytes() for p in frozen.parameters() if isinstance(p, DTensor))
+    total = sum(p.numel() * p.element_size() for p in ref.parameters())
+    assert not gathered and shards * d.world == total, \
+        f"rank {d.rank}: a scored frozen model holds {sum(gathered.values())} bytes of gathered parameters " \
+        f"{sorted(gathered)} beside {shards} bytes of shards (its whole size is {total} bytes over {d.world} ranks)"
 
     engine = engines.HFEngine.replica(str(path), d, [1], 0, 44, 8)
     opt.step()

@@ -125,38 +125,56 @@ def test_agg_loss_over_micro_batches_and_ranks_equals_global_mean(mode):
     torch.testing.assert_close(sum(per_rank) / 2, want)
 
 
-def _head(vocab_model=13, hidden=6):
-    head = torch.nn.Linear(hidden, vocab_model, bias=False)
+def _head(vocab_model=13, hidden=6, bias=False):
+    head = torch.nn.Linear(hidden, vocab_model, bias=bias)
     return head
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 100])
-def test_chunked_logprobs_equal_full_log_softmax(chunk):
-    """Values and gradients of the chunked, checkpointed head equal a plain [N, V] log_softmax; logits past the
-    tokenizer's length (Qwen's padded vocab) are excluded; temperature divides the logits."""
-    head = _head()
+@pytest.mark.parametrize("chunk,bias,temperature", [(1, False, 0.7), (3, True, 0.7), (100, False, 0.7), (4, True, 1.0)])
+def test_chunked_logprobs_equal_full_log_softmax(chunk, bias, temperature):
+    """Values and gradients (of h, the head's weight and bias, under any upstream gradient) of the chunked head with
+    its own backward equal a plain [N, V] log_softmax; logits past the tokenizer's length (Qwen's padded vocab) are
+    excluded and get no gradient; temperature divides the logits."""
+    head = _head(bias=bias)
     h = torch.randn(11, 6, requires_grad=True)
     y = torch.randint(0, 10, (11,))
-    logp, ent = common.logprobs_from_hidden(h, head, y, vocab=10, temperature=0.7, chunk=chunk)
-    full = (head(h)[:, :10] / 0.7).log_softmax(-1)
+    g = torch.randn(11)
+    logp, ent = common.logprobs_from_hidden(h, head, y, vocab=10, temperature=temperature, chunk=chunk)
+    full = (head(h)[:, :10] / temperature).log_softmax(-1)
     torch.testing.assert_close(logp, full.gather(1, y[:, None]).squeeze(1))
     torch.testing.assert_close(ent, -(full.exp() * full).sum(-1))
-    g1 = torch.autograd.grad(logp.sum(), [h, head.weight])
-    g2 = torch.autograd.grad(full.gather(1, y[:, None]).sum(), [h, head.weight])
+    assert not ent.requires_grad
+    params = [h, head.weight] + ([head.bias] if bias else [])
+    g1 = torch.autograd.grad((logp * g).sum(), params)
+    g2 = torch.autograd.grad((full.gather(1, y[:, None]).squeeze(1) * g).sum(), params)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+    assert g1[1][10:].abs().max() == 0
+    with torch.no_grad():  # the scoring path (a frozen teacher): the same values, no graph
+        logp_ng, _ = common.logprobs_from_hidden(h, head, y, vocab=10, temperature=temperature, chunk=chunk)
+    torch.testing.assert_close(logp_ng, logp.detach())
+    assert not logp_ng.requires_grad
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
-def test_chunked_full_kl_equals_plain(direction):
-    head, head_ref = _head(), _head(vocab_model=16)  # different padded vocab sizes, shared first 10 tokens
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_full_kl_equals_plain(direction, bias):
+    """Values and gradients (of h and of the model's head, none for the reference) of the chunked KL with its own
+    backward equal the plain KL over full logits; padded vocabulary rows get no gradient."""
+    head, head_ref = _head(bias=bias), _head(vocab_model=16, bias=bias)  # padded vocabs differ, 10 tokens shared
     h = torch.randn(9, 6, requires_grad=True)
     h_ref = torch.randn(9, 6)
+    g = torch.rand(9)
     kl = common.kl_from_hidden(h, head, h_ref, head_ref, vocab=10, direction=direction, chunk=4)
     ls, lt = head(h)[:, :10], head_ref(h_ref)[:, :10]
     want = common.kl_from_logits(ls, lt) if direction == "reverse" else common.kl_from_logits(lt, ls)
     torch.testing.assert_close(kl, want)
-    torch.testing.assert_close(torch.autograd.grad(kl.sum(), h)[0], torch.autograd.grad(want.sum(), h)[0])
+    params = [h, *head.parameters()]
+    got = torch.autograd.grad((kl * g).sum(), params, retain_graph=True)
+    for a, b in zip(got, torch.autograd.grad((want * g).sum(), params)):
+        torch.testing.assert_close(a, b)
+    (kl * g).sum().backward()
+    assert got[1][10:].abs().max() == 0 and all(p.grad is None for p in head_ref.parameters())
     assert (kl >= -1e-6).all()
 
 
