@@ -97,6 +97,9 @@ def check_context(args, fields) -> None:
     """Refuse a run whose longest sequence exceeds a model's context, before anything loads (vLLM would refuse to
     start; an HF model would run past the positions it was trained on)."""
     import tiny
+    have = [f.name for f in dataclasses.fields(args)]
+    if not any(n.endswith("max_prompt_tokens") for n in have) or not any(n.endswith("max_new_tokens") for n in have):
+        return  # nothing sampled or scored (no budgets)
     length, (prompt, p), (response, r) = engine_length(args), longest(args, "max_prompt_tokens"), \
         longest(args, "max_new_tokens")
     for name in fields:
