@@ -38,7 +38,7 @@ def final_eval(run: Path, tag: str = "") -> tuple[dict, dict]:
         out = {}
         for r in rows:
             if r["step"] == step:
-                out[r["benchmark"]] = next(v for k, v in r.items() if k.startswith("avg@"))
+                out[r["benchmark"]] = next(v for k, v in r.items() if k.startswith("avg@") and not k.endswith("_se"))
                 out[r["benchmark"] + ":length"] = r["mean_length"]
         return out
 
