@@ -306,9 +306,13 @@ def large_model_batch(batch, old_L_BT, old_S_BT, rewards, own, old_own_BT, own_r
                       merge_groups(old_S_BT, old_own_BT, G_small, G_own), from_small_B.to(b.ids_BT.device), *mixed)
 
 
-def small_metrics(meter, acc_PG, fmt_PG, s_kd_PG, logp_L_old_BT, logp_S_old_BT, mask_BT, args: Args) -> None:
-    """The small model's rewards (Eq. 2), and its token KL to the large model with the share of log-ratios the
-    clamp of Eq. 1 cuts (where the large model scored its rollouts)."""
+def small_metrics(meter, acc_PG, fmt_PG, s_kd_PG, adv_BT, logp_L_old_BT, logp_S_old_BT, mask_BT, args: Args) -> None:
+    """The small model's rewards (Eq. 2); its advantage split into the accuracy part (GRPO on acc + fmt alone) and
+    the KD part (the rest), as mean |A| per token and the share of tokens whose sign the KD part flips; its token
+    KL to the large model with the share of log-ratios the clamp of Eq. 1 cuts (where the large model scored)."""
+    adv_acc_BT = common.group_advantages(acc_PG + fmt_PG, args.adv_scale).view(-1, 1) * mask_BT
+    meter.tokens({"adv/acc_abs_mean": adv_acc_BT.abs(), "adv/kd_abs_mean": (adv_BT - adv_acc_BT).abs(),
+                  "adv/kd_flip_frac": (adv_BT * adv_acc_BT < 0).float()})
     meter.set({"reward/mean": acc_PG.mean(), "reward/format": fmt_PG.mean(), "reward/kd": s_kd_PG.mean(),
                "reward/total": (acc_PG + fmt_PG + args.kd_coef * s_kd_PG).mean(),
                "reward/frac_zero_std": ((acc_PG + fmt_PG).std(1) == 0).float().mean(), "kd/coef": args.kd_coef,
@@ -474,7 +478,7 @@ def main(args: Args) -> None:
             engines.sync_weights(small, engine)
 
         # --- log
-        small_metrics(meter, acc_PG, fmt_PG, s_kd_PG, logp_L_old_BT, logp_S_old_BT, batch.mask_BT, args)
+        small_metrics(meter, acc_PG, fmt_PG, s_kd_PG, adv_BT, logp_L_old_BT, logp_S_old_BT, batch.mask_BT, args)
         meter.set({"reward/grader_failures": grader.take_failures()})
         if args.train_large:
             large_metrics(meter, L, w_BT, is_cut)

@@ -432,7 +432,7 @@ class PromptStream:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Evaluation: avg@n, unbiased pass@k, maj@n and response length per benchmark
+# 4. Evaluation: avg@n with its standard error, unbiased pass@k, maj@n and response length per benchmark
 # ----------------------------------------------------------------------------------------------------------
 BENCHMARKS = {  # name -> (hub dataset, split, problem column, answer column); the file DIR/<name>.jsonl wins
     "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
@@ -475,9 +475,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def summarize_eval(per_problem: list[dict], ks: list[int]) -> dict:
     """Benchmark metrics from per-problem records {"correct": [0/1]*n, "answers": [str|None]*n,
-    "lengths": [int]*n}: avg@n, pass@k for each k <= n, maj@n (majority vote over extracted answers), length."""
-    n = len(per_problem[0]["correct"])
-    out = {f"avg@{n}": sum(sum(p["correct"]) / n for p in per_problem) / len(per_problem)}
+    "lengths": [int]*n}: avg@n, its standard error avg@n_se, pass@k for each k <= n, maj@n (majority vote over
+    extracted answers), length. avg@n_se is the standard error of the mean over problems of each problem's mean
+    accuracy a_p: sqrt(Σ_p (a_p − avg@n)² / (P − 1)) / sqrt(P) (sample std, ddof = 1), the ± that the
+    Sparse-to-Dense and CoPD papers report; it counts the spread over problems and over the n samples within them,
+    not over training seeds. With one problem there is no spread to estimate: avg@n_se is None (null in JSON)."""
+    n, P = len(per_problem[0]["correct"]), len(per_problem)
+    acc_P = [sum(p["correct"]) / n for p in per_problem]
+    avg = sum(acc_P) / P
+    out = {f"avg@{n}": avg,
+           f"avg@{n}_se": math.sqrt(sum((a - avg) ** 2 for a in acc_P) / (P - 1) / P) if P > 1 else None}
     for k in ks:
         if k <= n:
             out[f"pass@{k}"] = sum(pass_at_k(n, sum(p["correct"]), k) for p in per_problem) / len(per_problem)

@@ -347,7 +347,7 @@ def sync_weights(model, engine, tag=None) -> None:
 def evaluate(engine, tokenizer, benchmarks: dict[str, list[dict]], grader, template: str, n: int,
              sampling: Sampling, ks: list[int], d: Dist, seed: int, max_prompt_tokens: int = 0,
              chat: bool = True) -> dict:
-    """{benchmark: {avg@n, pass@k..., maj@n, mean_length}} on every rank (rank r grades problems r, r+world...).
+    """{benchmark: {avg@n, avg@n_se, pass@k..., maj@n, mean_length}} on every rank (rank r grades r, r+world...).
     The sampling seed is the same at every evaluation step, so successive evaluations differ by the weights only
     (common random numbers: less noise in the curve than independent draws)."""
     results = {}

@@ -1,8 +1,8 @@
 """Evaluate any HF-format model on the benchmarks with the training scripts' protocol and output, without training:
 a hub name, a run's `final/`, a stage folder of sparse_to_dense.py, or a toy model. The same sampling, grading
-(math-verify on the last \\boxed{} or <answer> tag) and summaries as the scripts' own evaluations: avg@n, unbiased
-pass@k, maj@n and mean response length per benchmark, written to <output-dir>/eval.jsonl (one row per benchmark,
-`step` 0) and printed. Problems are sharded over ranks under torchrun.
+(math-verify on the last \\boxed{} or <answer> tag) and summaries as the scripts' own evaluations: avg@n with its
+standard error over problems (avg@n_se), unbiased pass@k, maj@n and mean response length per benchmark, written to
+<output-dir>/eval.jsonl (one row per benchmark, `step` 0) and printed. Problems are sharded over ranks under torchrun.
 
     python evaluate.py --model Qwen/Qwen2.5-Math-1.5B --rollout vllm                   # the papers' base-model rows
     torchrun --nproc_per_node 8 evaluate.py --model runs/kdrl-paper-.../final --rollout vllm

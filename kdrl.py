@@ -30,6 +30,13 @@ Reconstructions of details the paper leaves open:
      accuracy (the paper's token-efficiency claim).
   5. `1gpu` preset: Qwen2.5-Math-1.5B-Instruct <- Qwen2.5-Math-7B-Instruct (same tokenizer; vocab padded to
      151,936 vs 152,064), 32 prompts x 8, 2,048 tokens.
+  6. β: the annealed schedule 5e-3 -> 1e-3 comes from secondary accounts of Sec. 3.3 (δ = 5e-5 per step from a
+     re-implementation), and a constant β (--kd-schedule constant) defaults to its start, 5e-3. One third-party
+     paper states another constant: "Sequential Beats Joint: On the Interplay between On-Policy Distillation and
+     RLVR" (Li et al., arXiv 2609.04108, App. A.3) runs KDRL and KDRL-mask with β = 0.002, "the values reported
+     in their respective papers". It writes the KD term as β·(log π_T − log π_θ) added to the advantage, the
+     gradient of our β·k2 at ratio 1, so the two β are in the same units. Without the paper's text to confirm
+     it, this is evidence, not a default: --kd-schedule constant --kd-coef 2e-3 runs that reading.
 Deviations: none in the objective. Rollouts use top-p 1 / top-k off (truncated sampling biases the ratio).
 The `tiny` preset scales β (0.2 -> 0.05 over 15 steps) and the learning rate (1e-4) to the toy models, whose
 KL to the teacher and weight scale are far from an LLM's; with the paper's β the KD term would be invisible there.

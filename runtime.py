@@ -610,9 +610,10 @@ class RunLog:
             self._append("eval.jsonl", {"step": step, "benchmark": bench, **({"tag": tag} if tag else {}), **r})
             if self.tracker is not None:
                 self.tracker.log(step, {f"eval/{bench}{'/' + tag if tag else ''}/{k}": v for k, v in r.items()})
-        if self.d.main:
-            line = "  ".join(f"{b}: " + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k != "mean_length")
-                             for b, r in results.items())
+        if self.d.main:  # avg@n=0.512±0.021: the accuracy with its standard error over problems
+            line = "  ".join(f"{b}: " + " ".join(
+                f"{k}={v:.3f}" + (f"±{r[k + '_se']:.3f}" if r.get(k + "_se") is not None else "")
+                for k, v in r.items() if k != "mean_length" and not k.endswith("_se")) for b, r in results.items())
             self.print(f"[eval step {step}{' ' + tag if tag else ''}] {line}")
 
     def samples(self, step: int, rows: list[dict]) -> None:
@@ -657,7 +658,7 @@ def plot_curves(run_dir: Path, keys: tuple[str, ...]) -> None:
     ax = axes[0][-1]
     for bench in sorted({e["benchmark"] for e in evals}):
         es = [e for e in evals if e["benchmark"] == bench and not e.get("tag")]
-        acc = next((k for k in es[0] if k.startswith("avg@")), None) if es else None
+        acc = next((k for k in es[0] if k.startswith("avg@") and not k.endswith("_se")), None) if es else None
         if acc:
             ax.plot([e["step"] for e in es], [e[acc] for e in es], marker="o", label=f"{bench} {acc}")
     ax.set_title("eval", fontsize=9)

@@ -105,7 +105,7 @@ def run_seed(args: cd.Args, d, steps: int) -> dict[str, list[float]]:
         engines.sync_weights(model, engine_B)
         res = engines.evaluate(engine_B, tok, benches, grader, args.prompt_template, args.eval_samples, s, [1], d,
                                args.seed, args.max_prompt_tokens, args.chat_template)
-        return statistics.mean(next(v for k, v in r.items() if k.startswith("avg@")) for r in res.values())
+        return statistics.mean(r[f"avg@{args.eval_samples}"] for r in res.values())
 
     times |= {"A_accuracy": [accuracy(large_A)], "B_accuracy": [accuracy(large_B)],
               "start_accuracy": [accuracy(runtime.load_model(large_path, d, trainable=False, vocab=vocab))]}

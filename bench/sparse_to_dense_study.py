@@ -38,8 +38,13 @@ def configs(full: Path, student_steps: int) -> dict[str, list[str]]:
     }
 
 
+def accuracy(row: dict) -> float:
+    """A benchmark's avg@n in an eval row (not its standard error, avg@n_se)."""
+    return next(v for k, v in row.items() if k.startswith("avg@") and not k.endswith("_se"))
+
+
 def mean_acc(res: dict) -> float:
-    return statistics.mean(next(v for k, v in r.items() if k.startswith("avg@")) for r in res.values())
+    return statistics.mean(accuracy(r) for r in res.values())
 
 
 def run(name: str, seed: int, flags: list[str], common: list[str], root: Path) -> dict:
@@ -56,8 +61,7 @@ def run(name: str, seed: int, flags: list[str], common: list[str], root: Path) -
         stages[s["stage"]] = mean_acc(s["eval"])
     evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines() if x.strip()]
     for key, tag in (("start", ""), ("teacher start", "teacher")):
-        start = [next(v for k, v in e.items() if k.startswith("avg@")) for e in evals
-                 if e["step"] == 0 and e.get("tag", "") == tag]
+        start = [accuracy(e) for e in evals if e["step"] == 0 and e.get("tag", "") == tag]
         if start:
             stages[key] = statistics.mean(start)
     print(f"{name} seed {seed}: {stages} ({time.time() - t0:.0f}s)", flush=True)

@@ -10,11 +10,18 @@ each benchmark's avg@n at the last evaluated step, averaged over benchmarks (`me
 evaluation where the run logged one. `--tags "" large` adds a table for the eval rows a script tags (e.g. the second
 model that codistill_grpo.py evaluates). `--baseline NAME` adds the paired difference to that config (per seed, then
 mean ± std over seeds). `--metrics KEY ...` adds each key's mean over a run's logged steps (metrics.jsonl), e.g.
-reward/frac_zero_std to show a precondition. `--jobs N` runs N at once, each with cores/N threads.
+reward/frac_zero_std to show a precondition. `--jobs N` runs N at once, each with cores/N threads. `--grid` adds the
+product of axes of configs, e.g. two levels times two coefficients (four configs, named seq-c0.1, seq-c1, ...):
+
+    python bench/study.py codistill_grpo.py --config "GRPO=--kd-coef 0" --baseline GRPO \\
+        --grid "seq=--kd-level seq_mean|tok=--kd-level token" --grid "c0.1=--kd-coef 0.1|c1=--kd-coef 1" -- --preset tiny
+
+A study runs in parts by giving fewer seeds or axis values: every run it shares with the full command is reused.
 """
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import shlex
@@ -38,7 +45,7 @@ def final_eval(run: Path, tag: str = "") -> tuple[dict, dict]:
         out = {}
         for r in rows:
             if r["step"] == step:
-                out[r["benchmark"]] = next(v for k, v in r.items() if k.startswith("avg@"))
+                out[r["benchmark"]] = next(v for k, v in r.items() if k.startswith("avg@") and not k.endswith("_se"))
                 out[r["benchmark"] + ":length"] = r["mean_length"]
         return out
 
@@ -67,7 +74,9 @@ def main() -> None:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser()
     ap.add_argument("script")
-    ap.add_argument("--config", action="append", required=True, help="NAME=extra flags (may be empty)")
+    ap.add_argument("--config", action="append", default=[], help="NAME=extra flags (may be empty)")
+    ap.add_argument("--grid", action="append", default=[], help="an axis 'NAME=flags|NAME=flags|...': the configs "
+                    "are the product of all axes, names joined by '-', flags concatenated")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--name", default="")
     ap.add_argument("--nproc", type=int, default=0, help="run each under torchrun with this many ranks")
@@ -80,7 +89,12 @@ def main() -> None:
     study = ROOT / "bench" / "out" / (a.name or Path(a.script).stem)
     study.mkdir(parents=True, exist_ok=True)
     results, todo = {}, []
-    for cfg in a.config:
+    axes = [[c.strip().partition("=")[::2] for c in axis.split("|")] for axis in a.grid]
+    configs = a.config + ["-".join(n for n, _ in combo) + "=" + " ".join(f for _, f in combo if f)
+                          for combo in (itertools.product(*axes) if axes else [])]
+    if not configs:
+        ap.error("give at least one --config or --grid")
+    for cfg in configs:
         name, _, flags = cfg.partition("=")
         for seed in a.seeds:
             run = study / f"{name}-s{seed}"

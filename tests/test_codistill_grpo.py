@@ -52,6 +52,7 @@ def test_kd_reward_matches_loop(level):
     args = _args(kd_coef=lam, kd_clip=c, kd_level=level)
     d = cd.kd_logratio(lp_L, lp_S, mask, c)
     adv, s = cd.small_advantages(acc, fmt, d, mask, args)
+    acc_abs = kd_abs = flips = 0.0
     for p in range(P):
         scores, base = [], []
         for g in range(G):
@@ -66,7 +67,16 @@ def test_kd_reward_matches_loop(level):
                 dt = min(max(lp_L[b, t].item() - lp_S[b, t].item(), -c), c)
                 want = (a_seq if level == "seq_mean" else a_base + lam * dt) if mask[b, t] else 0.0
                 assert abs(adv[b, t].item() - want) < 1e-4, (b, t)
+                if mask[b, t]:  # the metrics' split: the accuracy part is GRPO on acc + fmt, the KD part the rest
+                    acc_abs, kd_abs = acc_abs + abs(a_base), kd_abs + abs(want - a_base)
+                    flips += want * a_base < 0
     assert d[0, 3].item() == pytest.approx(c)
+    meter = runtime.Meter(clock=False)
+    cd.small_metrics(meter, acc, fmt, s, adv, None, None, mask, args)
+    m, n = meter.read(mask.sum()), mask.sum().item()
+    assert m["adv/acc_abs_mean"] == pytest.approx(acc_abs / n, abs=1e-5)
+    assert m["adv/kd_abs_mean"] == pytest.approx(kd_abs / n, abs=1e-5) and m["adv/kd_abs_mean"] > 0.01
+    assert m["adv/kd_flip_frac"] == pytest.approx(flips / n, abs=1e-6)
 
 
 def test_kd_coef_zero_is_grpo():

@@ -12,7 +12,7 @@ def test_evaluate_matches_the_training_scripts_evaluation(tmp_path, warm):
     ev = read_jsonl(tmp_path / "ev" / "eval.jsonl")
     assert {r["benchmark"] for r in ev} == {"tiny_add", "tiny_mul", "tiny_lin"}
     assert all(finite(r) and r["step"] == 0 and 0 <= r["avg@4"] <= r["pass@4"] <= 1 for r in ev)
-    assert all({"avg@4", "pass@1", "pass@4", "maj@4", "mean_length"} <= set(r) for r in ev)
+    assert all({"avg@4", "avg@4_se", "pass@1", "pass@4", "maj@4", "mean_length"} <= set(r) for r in ev)
     run_script("kdrl.py", *TINY, "--model", str(warm["large"]), "--teacher", "none", "--kd-coef", "0",
                "--total-steps", "0", "--output-dir", str(tmp_path / "train"))
     train = read_jsonl(tmp_path / "train" / "eval.jsonl")

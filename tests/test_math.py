@@ -243,3 +243,22 @@ def test_summarize_eval():
     assert "pass@8" not in s
     assert s["maj@4"] == pytest.approx(2 / 3)  # problem 1: "3" and "4" tie, the first seen ("3") is correct
     assert s["mean_length"] == pytest.approx((25 + 5 + 1) / 3)
+
+
+def test_summarize_eval_standard_error_over_problems():
+    """avg@n_se is the standard error over problems of each problem's mean accuracy (ddof = 1): a hand-made table
+    whose value is known in closed form, a loop reference on random tables, and None for a single problem."""
+    def rec(correct):
+        return {"correct": correct, "answers": [None] * len(correct), "lengths": [1] * len(correct)}
+
+    # per-problem accuracies 1, 0, 1/2, 1/2: mean 1/2, sample variance (1/4 + 1/4) / 3 = 1/6, SE sqrt(1/6 / 4)
+    s = common.summarize_eval([rec([1, 1]), rec([0, 0]), rec([1, 0]), rec([0, 1])], [1])
+    assert s["avg@2"] == 0.5 and s["avg@2_se"] == pytest.approx(1 / math.sqrt(24))
+    for P, n in [(2, 1), (5, 4), (37, 8)]:
+        table = torch.randint(0, 2, (P, n)).tolist()
+        acc = [sum(row) / n for row in table]
+        mean = sum(acc) / P
+        sd = math.sqrt(sum((a - mean) ** 2 for a in acc) / (P - 1))
+        s = common.summarize_eval([rec(row) for row in table], [1])
+        assert s[f"avg@{n}"] == pytest.approx(mean) and s[f"avg@{n}_se"] == pytest.approx(sd / math.sqrt(P))
+    assert common.summarize_eval([rec([1, 0, 1])], [1])["avg@3_se"] is None
