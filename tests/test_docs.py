@@ -28,21 +28,27 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
-def split_code(text: str) -> tuple[list[str], str]:
-    """(the code blocks, the prose) of a markdown page: a block runs from a line opening with ``` to the next."""
-    blocks, prose, block = [], [], None
+def fenced(text: str) -> tuple[list[tuple[str, str]], str]:
+    """((language, body) of each code block, the prose) of a markdown page: a block runs from a line opening with ```
+    to the next."""
+    blocks, prose, block, lang = [], [], None, ""
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             if block is None:
-                block = []
+                block, lang = [], line.strip()[3:]
             else:
-                blocks.append("\n".join(block))
+                blocks.append((lang, "\n".join(block) + "\n"))
                 block = None
         elif block is not None:
             block.append(line)
         else:
             prose.append(line)
     return blocks, "\n".join(prose)
+
+
+def split_code(text: str) -> tuple[list[str], str]:
+    blocks, prose = fenced(text)
+    return [body for _, body in blocks], prose
 
 
 def anchors(page: Path) -> set[str]:
@@ -179,3 +185,48 @@ def test_help_names_every_flag(script):
     names = [cli.flag(f.name) for f in __import__("dataclasses").fields(mod.Args)]
     flat = out.replace("_", "-")
     assert all(n in flat for n in names) and "--config" in out, [n for n in names if n not in flat]
+
+
+def test_the_forking_guide_runs(tmp_path, warm, monkeypatch):
+    """docs/forking.md, done as it says: its diff applies to kdrl.py, its unit test passes (and fails on the broken
+    variant the page names), its commands parse with the fork's own parser, and the fork runs its tiny preset."""
+    page = (ROOT / "docs" / "forking.md").read_text()
+    blocks, _ = fenced(page)
+    diff = next(body for lang, body in blocks if lang == "diff")
+    test = next(body for lang, body in blocks if lang == "python" and body.startswith("# tests/test_kdrl_huber.py"))
+    (tmp_path / "kdrl_huber.py").write_text((ROOT / "kdrl.py").read_text())
+    (tmp_path / "fork.diff").write_text(diff)
+    p = subprocess.run(["git", "apply", "-p0", "fork.diff"], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, f"the page's diff no longer applies to kdrl.py: {p.stderr}"
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_kdrl_huber.py").write_text(test)
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{ROOT}", "HF_HUB_OFFLINE": "1"}
+    unit = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kdrl_huber.py"]
+    p = subprocess.run(unit, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:]
+    fork = (tmp_path / "kdrl_huber.py").read_text()
+    (tmp_path / "kdrl_huber.py").write_text(fork.replace("c * (d_BT.abs() - 0.5 * c)", "c * (d_BT.abs() - c)"))
+    p = subprocess.run(unit, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode != 0 and "test_huber_kd_against_a_loop" in p.stdout, p.stdout[-3000:]
+    (tmp_path / "kdrl_huber.py").write_text(fork)
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("kdrl_huber")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    runs = [shlex.split(c) for c in commands(page)]
+    runs = [w for w in runs if next((x for x in w if x.endswith(".py")), "") == "kdrl_huber.py" and "--help" not in w]
+    assert len(runs) >= 2
+    monkeypatch.setattr(cli, "model_config", lambda n, f: None if n.startswith("tiny:") else
+                        type("C", (), {"max_position_embeddings": CONTEXT[n]})())
+    for words in runs:
+        monkeypatch.setenv("WORLD_SIZE", str(int(words[2]) if words[0] == "torchrun" else 1))
+        cli.parse_args(mod.Args, mod.PRESETS, words[words.index("kdrl_huber.py") + 1:], mod.check_args)
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, str(tmp_path / "kdrl_huber.py"), "--preset", "tiny", "--kd-estimator", "huber",
+                        "--kd-huber-delta", "1.0", "--total-steps", "2", "--eval-every", "2", "--eval-limit", "8",
+                        "--eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4", "--save-every", "0",
+                        "--output-dir", str(run)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [__import__("json").loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss/kd"] > 0 for r in rows)
+    assert __import__("json").loads((run / "config.json").read_text())["args"]["kd_estimator"] == "huber"
