@@ -99,10 +99,13 @@ def test_zero_where_it_means_something(capsys, monkeypatch, tmp_path):
     assert "--num-minibatches 0: must be at least 1" in _exit_line(capsys, kdrl, "--num-minibatches", "0")
     # a stage left out may have 0 steps
     assert cli.parse_args(s2d.Args, s2d.PRESETS, ["--preset", "tiny", "--stages", "2b,3", "--steps-1", "0"])
-    # the model checks only the models the run loads: a local folder is fine offline, and so is an uncached
-    # explorer that plain GRPO (--t-mix 0) never loads
+    # the model checks only the models the run loads: a local folder with a config is fine offline, one without is
+    # one line, and so is an uncached explorer that plain GRPO (--t-mix 0) never loads
     import s2l_po
+    from transformers import Qwen2Config
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "cannot be loaded" in _exit_line(capsys, kdrl, "--teacher", str(tmp_path))
+    Qwen2Config(max_position_embeddings=4096).save_pretrained(tmp_path)
     cli.validate_args(cli.parse_args(kdrl.Args, kdrl.PRESETS, ["--preset", "tiny", "--teacher",
                                                                         str(tmp_path)]))
     args = cli.parse_args(s2l_po.Args, s2l_po.PRESETS, ["--preset", "tiny", "--t-mix", "0", "--explorer",
