@@ -9,45 +9,57 @@ K branches start from one base π_0, one capability (dataset D_k, verifier r_k) 
                             scored by the partner's live weights before any branch updates that step.
     End:                    θ* = (1/K) Σ_k θ_k, a uniform merge saved in HF format.
 
-Both batches enter the same PPO-clip surrogate (ε 0.2/0.28), token-mean over the combined batch, no KL term. For K ≥ 3
-the branches form a hub and spokes: a spoke learns from the hub, the hub from every spoke (its cross budget split
-equally). The paper tracks top-10 overlap O_10 and symmetric KL between branches; here they are computed on fresh
-on-policy rollouts of every branch on every dataset at the end of each phase, logged (diag/*) and plotted.
+Both batches enter the same PPO-clip surrogate (ε 0.2/0.28, §4.1), no KL term, aggregated as Eq. (rlvr) writes it,
+(1/G) Σ_i (1/|y_i|) Σ_t: a mean over sequences of each sequence's token mean (--loss-agg; token-mean is a flag). The
+cross batch joins that mean sequence for sequence: Alg. 1 combines both batches into one update, and OPD's own loss
+(Eq. opd, §2.1) is a token mean per sequence too, so each native or cross sequence weighs the same. For K ≥ 3 the
+branches form a hub and spokes (§3.3): a spoke learns from the hub, the hub from every spoke (its cross budget split
+equally). The paper tracks top-10 overlap O_10 and symmetric KL between branches (§4.3); here they are computed on
+fresh on-policy rollouts of every branch on every dataset at the end of each phase, logged (diag/*) and plotted.
 
-Baselines at matched total steps (--mode), with T = --total-steps optimizer steps per branch:
+Baselines (§4.1), with T = --total-steps optimizer steps per branch:
     copd         K branches × T steps (N = T / (S_RL + S_OPD) cycles), merged                    K·T updates
     experts      K experts × T steps of GRPO on their own data; also merged (weight averaging)  K·T updates
-    mixed        one model, K·T GRPO steps on the union (each batch 1/K from every dataset)     K·T updates
+    mixed        one model, K·T GRPO steps on a single pool of all data ("combines all data
+                 into a single pool", §4.1; --mixed-pool stratified: 1/K of each batch per set)  K·T updates
     static_opd   the K = 2 experts (T steps each), then the student (--static-student) learns
                  from the other, frozen, by pure OPD on the teacher's data for one extra stage  K·T + T_opd updates
     mopd         the K experts (T steps each), then a fresh copy of π_0 learns from all of them,
                  frozen, by pure OPD on every dataset, each prompt scored by its own expert    K·T + T_opd updates
+The budgets contradict each other in the paper: §4.1 gives mixed RLVR and CoPD "a total number of training steps
+equal to the sum of the two specific experts" (K·T), the captions of Tables 1 and 2 give CoPD "the same total steps
+as static OPD" (K·T + T_opd). The text is followed; --total-steps T + T_opd/K gives CoPD the captions' budget.
 
 Reconstructions of what the paper leaves open:
-  1. Text branches: math (Polaris-53K, math-verify) and code (KodCode-Light-RL-10K: the last ```python block is run
-     against the problem's pytest file in a sandbox, verifiers.CodeVerifier); Qwen3-4B-Instruct-2507 for the paper's
-     Qwen3-VL-4B-Instruct; 256 prompts × 8, lr 1e-6 constant, T 1.0, max 16,384 response tokens in training.
-  2. β = 1; S_RL : S_OPD = 15 : 10 (the paper's best ratio, 1.5 : 1; absolute values not given); T = 200 steps per
-     branch; the cross batch is half of each Phase-II step's prompts (same prompts per step as Phase I).
+  1. Paper preset: math (Polaris-53K, math-verify) and code (KodCode-Light-RL-10K: the last ```python block is run
+     against the problem's pytest file in a sandbox, verifiers.CodeVerifier); 256 prompts × 8, lr 1e-6 constant,
+     T 1.0, 16,384 tokens in and out (§4.1); the code branch's data and verifier are this script's own.
+  2. β = 1; S_RL : S_OPD = 15 : 10 (the paper's best ratio, 1.5 : 1, §4.3; absolute values not given); T = 200 steps
+     per branch; the cross batch is half of each Phase-II step's prompts (same prompts per step as Phase I).
   3. δ's student term is the rollout-time log-prob, detached (one update per batch: the same as the live one).
   4. Teachers are live: every teacher scores with the weights it had before the step's updates (the paper's
      commented-out "freeze teacher states" line is not implemented).
-  5. Merge: uniform average of the branches (--merge-weights for a weighted one); T_opd = T·S_OPD/(S_RL+S_OPD) for
-     static_opd. MOPD (multi-teacher OPD, the MiMo-V2-Flash recipe the paper cites; it gives no details): the student
-     starts at π_0, each step splits its prompts equally over the K datasets, Â_t = δ_t (β 1) in the same surrogate,
-     T_opd = T (a student that starts from π_0 gets one expert's budget).
+  5. Merge: Alg. 1 writes Merge(θ_0, θ_1, …, θ_{K−1}), where θ_0 is also the base's symbol; as the branches are
+     θ_0…θ_{K−1}, it is read as the K branches, base excluded; the rule ("simple parameter merging", §3.3) as a
+     uniform average (--merge-weights for a weighted one). T_opd = T·S_OPD/(S_RL+S_OPD) for static_opd. MOPD
+     (multi-teacher OPD, the MiMo-V2-Flash recipe the paper cites; it gives no details): the student starts at π_0,
+     each step splits its prompts equally over the K datasets, Â_t = δ_t (β 1) in the same surrogate, T_opd = T.
   6. Symmetric KL = KL(p‖q) + KL(q‖p) over the full vocabulary, averaged over response tokens; O_k = |top_k(p) ∩
-     top_k(q)| / k; both on 1 sample from each branch for --diag-prompts prompts of every dataset.
-  7. Evaluation: math avg@4 at T 0.7, top-p 0.8, top-k 20 (the authors' validation settings) on MATH-500, AIME 24/25,
-     Minerva; code pass rate on a held-out slice of the code data (--code-heldout), same sampling.
+     top_k(q)| / k (Eq. overlap); both on 1 sample from each branch for --diag-prompts prompts of every dataset
+     (Eq. overlap takes the student's samples only; between co-equal branches, both are taken).
+  7. Evaluation: math avg@4 at T 0.7, top-p 0.8, top-k 20 (the authors' validation settings) on the paper's text
+     benchmarks AIME 24/25, HMMT 2025, MATH-500, Minerva (§4.1); code pass rate on a held-out slice of the code data.
   8. With --num-minibatches M > 1 (the paper makes one update per batch), optimizer step u takes the u-th 1/M of
      both the native and the cross part, so every step sees both signals.
-Deviations: none in the objective. One rollout engine serves every branch: each branch's weights are pushed into it
-before its rollouts (one vLLM engine per process: each would reserve its own memory), so a step costs K weight pushes.
+Deviations: the paper trains Qwen3-VL-4B-Instruct on text, image and video; the paper preset trains its text
+analogue, Qwen3-4B-Instruct-2507, on math and code. §2.1 writes OPD as KL(π_T‖π_θ); the method (Eq. delta) and this
+script use the sampled reverse-KL token reward. One rollout engine serves every branch: each branch's weights are
+pushed into it before its rollouts (one vLLM engine per process), so a step costs K weight pushes.
 Tiny preset: the base is tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the
 two branches have different things to learn; T = 40 steps per branch with S_RL : S_OPD = 6 : 4 (the paper's
 1.5 : 1), lr 1e-4. Interference worlds: tiny:formats boxes or tags its answer at random in `add` and `lin`, graded on
 the box and the tag; tiny:cue_* do so on `add` and a rewording of it, told apart only by the wording (tiny.py).
+bench/copd_pilot.py reproduces the paper's pilot study (§2.3) in the toy world.
 
 Run:
     torchrun --nproc_per_node 8 copd.py --rollout vllm          # paper setup: math + code branches, 8 GPUs
@@ -96,7 +108,7 @@ class Args:
     answer_format: Literal["boxed", "answer_tag"] = arg("boxed", "where a math branch's final answer is read from")
     max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens")
     # --- evaluation ------------------------------------------------------------------------------------
-    eval_data: str = arg("math500,aime24,aime25,minerva_math",
+    eval_data: str = arg("math500,aime24,aime25,hmmt25,minerva_math",
                          "comma-separated math benchmarks (names, .jsonl paths, tiny_<family>)")
     eval_data_dir: str = arg("", "folder with <benchmark>.jsonl files, used before the hub")
     eval_limit: int = arg(0, "evaluate on the first N problems of each benchmark (0 = all)")
@@ -128,8 +140,8 @@ class Args:
     num_minibatches: int = arg(1, "optimizer steps per rollout batch (1 = on-policy, as in the paper)")
     clip_low: float = arg(0.2, "PPO clip ε_low")
     clip_high: float = arg(0.28, "PPO clip ε_high")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = arg("token-mean",
-                                                                                            "loss aggregation")
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = arg(
+        "seq-mean-token-mean", "loss aggregation (Eq. rlvr: a sequence mean of token means)")
     adv_scale: Literal["std", "none"] = arg("std", "group advantage: std-normalised (GRPO) or none (Dr. GRPO)")
     grad_checkpointing: bool = arg(True, "activation checkpointing of decoder layers (CUDA only)")
     logprob_chunk: int = arg(1024, "tokens per chunk of LM head + log-softmax")
@@ -142,6 +154,8 @@ class Args:
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- CoPD --------------------------------------------------------------------------------------------
     mode: Literal["copd", "experts", "mixed", "static_opd", "mopd"] = arg("copd", "the method or a baseline (see docstring)")
+    mixed_pool: Literal["single", "stratified"] = arg("single", "mixed: one shuffled pool of all data (§4.1), or each "
+                                                      "batch 1/K from every dataset")
     verifiers: list[str] = arg(["math", "code"], "reward per branch: math (math-verify on --answer-format), math_tag "
                                "(math-verify on <answer>...</answer>) or code (sandboxed pytest)")
     eval_verifiers: list[str] = arg([], "verifier of each --eval-data benchmark, in order (empty = math for all)")
@@ -152,6 +166,8 @@ class Args:
     phase2_native_rl: bool = arg(True, "keep native GRPO in Phase II (off: a pure-OPD Phase II)")
     hub: int = arg(0, "K ≥ 3: the hub branch of the hub-and-spoke topology")
     static_student: int = arg(1, "static_opd: the expert that learns from the other, frozen one")
+    static_teacher: str = arg("", "static_opd: the teacher's starting weights (default --model); with --total-steps 0 "
+                              "the experts' stage is skipped: OPD from a given teacher into --model")
     static_opd_steps: int = arg(0, "static_opd, mopd: T_opd, steps of the OPD stage (0 = T·S_OPD/(S_RL+S_OPD), mopd T)")
     merge_weights: list[float] = arg([], "weights of the final merge, one per branch (empty = uniform 1/K)")
     overlap_k: int = arg(10, "k of the top-k overlap diagnostic O_k")
@@ -212,8 +228,8 @@ def batch_plan(k: int, phase: str, K: int, args: Args) -> list[tuple[str, int, i
     """The parts of branch k's batch this step: (kind, dataset, number of prompts). Phase I: P native prompts.
     Phase II: P·(1 − cross_frac) native + P·cross_frac on the teachers' datasets, split equally."""
     P = args.prompts_per_step
-    if args.mode == "mixed":
-        return [("native", j, P // K) for j in range(K)]
+    if args.mode == "mixed":  # dataset K: the single pool of every dataset's prompts (load_data)
+        return [("native", K, P)] if args.mixed_pool == "single" else [("native", j, P // K) for j in range(K)]
     if phase == "rl":
         return [("native", k, P)]
     teachers = teachers_of(k, K, args)
@@ -251,7 +267,7 @@ def copd_loss(logp_BT, old_logp_BT, adv_BT, mask_BT, norm, args: Args):
 
 def train_branch(model, opt, parts: list[Part], beta: float, vocab: int, args: Args, device) -> dict:
     """Branch k's update over its native + cross parts: --num-minibatches optimizer steps, step u taking the u-th
-    share of every part, the loss a token-mean over both. Returns the branch's metrics."""
+    share of every part, the loss one --loss-agg mean over both. Returns the branch's metrics."""
     split = [runtime.minibatches(p.batch, args.micro_batch_size, args.num_minibatches) for p in parts]
     if args.num_minibatches > 1:  # off-policy minibatches: the ratio needs the pre-update log-probs
         for p in parts:
@@ -360,6 +376,8 @@ def plan(args: Args, world: int) -> Plan:
     if args.mode == "static_opd" and (K != 2 or args.static_student not in (0, 1)):
         raise ValueError("--mode static_opd is defined for two experts: give two --train-data and "
                          "--static-student 0 or 1")
+    if args.static_teacher and (args.mode != "static_opd" or not args.total_steps + args.static_opd_steps):
+        raise ValueError("--static-teacher is for --mode static_opd; with --total-steps 0 give --static-opd-steps")
     if K >= 3 and not 0 <= args.hub < K:
         raise ValueError(f"--hub {args.hub} is not a branch (0..{K - 1})")
     if args.diag_prompts % world:
@@ -368,6 +386,8 @@ def plan(args: Args, world: int) -> Plan:
     T_opd = args.static_opd_steps or (T if args.mode == "mopd" else round(T * args.s_opd / (args.s_rl + args.s_opd)))
     total = {"mixed": K * T, "static_opd": T + T_opd, "mopd": T + T_opd}.get(args.mode, T)
     n_models = {"mixed": 1, "mopd": K + 1}.get(args.mode, K)  # mopd: the K experts and the student
+    if args.mode == "mixed" and args.mixed_pool == "single":  # dataset K, the pool: rows already in their template
+        keys["prompt_template"].append("{problem}")
     phases = {phase_at(s, args) for s in range(total)}
     for phase in phases:
         for k in students_at(phase, K, args):
@@ -397,8 +417,11 @@ def load_data(args: Args, cfg: Plan, d) -> tuple[list, dict, dict]:
                                  f"{args.code_heldout}: lower it (0 = no code benchmark)")
             r, benches.setdefault("code", {})[f"code:{args.train_data[k]}"] = r[:-args.code_heldout], r[-args.code_heldout:]
         rows.append([{**x, "branch": k} for x in r])
+    if len(cfg.prompt_template) > cfg.K:  # mixed's single pool (dataset K): each row in its own dataset's template
+        rows.append([{**x, "problem": cfg.prompt_template[x["branch"]].format(problem=x["problem"])}
+                     for r in rows for x in r])
     streams = {f"own{k}": common.PromptStream(rows[k], d.world, d.rank, d.world, args.seed * 1000 + k)
-               for k in range(cfg.K)}
+               for k in range(len(rows))}
     for k in range(cfg.n_models):
         for j in {j for ph in cfg.phases if k in students_at(ph, cfg.K, args)
                   for kind, j, _ in batch_plan(k, ph, cfg.K, args) if kind == "cross"}:
@@ -460,8 +483,10 @@ def main(args: Args) -> None:
     base_path = runtime.resolve(args.model, d)
     tok = runtime.load_tokenizer(base_path)
     vocab = len(tok)
-    branches = [runtime.load_model(base_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
-                for _ in range(cfg.n_models)]
+    inits = [base_path] * cfg.n_models  # static_opd from a given teacher: its branch starts there
+    if args.static_teacher:
+        inits[1 - args.static_student] = runtime.resolve(args.static_teacher, d)
+    branches = [runtime.load_model(p, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing) for p in inits]
     engine = engines.make_engine(args.rollout, base_path, d, tok, vocab, args)  # one engine, weights pushed per branch
     opts = [torch.optim.AdamW(b.parameters(), lr=args.lr, weight_decay=args.weight_decay) for b in branches]
     rows, benches, streams = load_data(args, cfg, d)
@@ -502,8 +527,9 @@ def main(args: Args) -> None:
         rest()
         log.eval(step, res, tag)
 
+    final = {"static_opd": args.static_student, "mopd": cfg.K}.get(args.mode, 0)  # the model a run delivers
     if start == 0 and cfg.total > 0:
-        run_eval(0, 0)  # every branch is π_0 here
+        run_eval(0, final)  # π_0 (only a --static-teacher starts elsewhere)
     for step in range(start, cfg.total):
         meter, metrics = runtime.Meter(), {}  # the step's values and timers; each branch's update has its own meter
         phase = phase_at(step, args)
@@ -542,7 +568,7 @@ def main(args: Args) -> None:
                 p.adv_B = common.group_advantages(p.correct_B.view(-1, args.group_size),
                                                   args.adv_scale).view(-1).to(d.device)
 
-        # --- update: one optimizer step per branch over its native + cross batch (token-mean over both)
+        # --- update: one optimizer step per branch over its native + cross batch, one mean over both
         with meter.time("update"):
             for k in students:
                 beta = 1.0 if k == cfg.K else cfg.beta[k]  # mopd's student: Â_t = δ_t, as in MiMo's recipe
@@ -579,7 +605,6 @@ def main(args: Args) -> None:
         for k in range(cfg.K):  # the branches, or the experts (mopd's student is the final model)
             runtime.save_hf(branches[k], tok, out / "branches" / f"branch{k}", d)
             run_eval(cfg.total, k, tag=f"branch{k}")
-    final = {"static_opd": args.static_student, "mopd": cfg.K}.get(args.mode, 0)
     if args.mode in ("copd", "experts"):
         merge_into(branches[0], branches, cfg.weights)
     runtime.save_hf(branches[final], tok, out / "final", d)
