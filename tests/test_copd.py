@@ -14,7 +14,7 @@ import engines
 import runtime
 import tiny
 import verifiers
-from conftest import finite, read_jsonl, run_script, stop_after, without_timing
+from conftest import SHARED_DATA, finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--s-rl", "1", "--s-opd", "1", "--prompts-per-step", "4",
          "--group-size", "4", "--eval-limit", "8", "--eval-samples", "2", "--diag-prompts", "4", "--save-every", "2")
@@ -138,6 +138,22 @@ def test_update_averages_the_token_means_of_native_and_cross_sequences_alike():
         torch.testing.assert_close(d_, torch.zeros_like(d_) if g_ is None else -g_, atol=2e-6, rtol=1e-4)
     assert copd.Args.loss_agg == "seq-mean-token-mean"
     assert max((a - b).abs().max() for a, b in zip(got, delta("token-mean"))) > 1e-4
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hmmt25.jsonl").exists(), reason=f"benchmark data not found at {SHARED_DATA} "
+                    "(it sits beside a development checkout, not in a user's clone)")
+def test_hmmt25_loads_from_the_benchmark_folder_and_its_golds_grade_correct_against_themselves():
+    """HMMT February 2025, one of the paper's five text benchmarks (§4.1), is in the paper preset's --eval-data and
+    loads offline by name from --eval-data-dir (the hub dataset MathArena/hmmt_feb_2025 has the same columns)."""
+    assert "hmmt25" in copd.Args.eval_data.split(",") and common.BENCHMARKS["hmmt25"][1:] == ("train", "problem", "answer")
+    rows = common.load_benchmarks("hmmt25", str(SHARED_DATA))["hmmt25"]
+    assert len(rows) == 30 and all(r["problem"] and r["answer"] for r in rows)
+    grader = verifiers.Grader(workers=2, timeout_s=3.0)
+    try:
+        got = grader([f"So the answer is $\\boxed{{{r['answer']}}}$." for r in rows], [r["answer"] for r in rows])
+    finally:
+        grader.close()
+    assert got == [1.0] * 30, [r["answer"] for r, g in zip(rows, got) if g != 1.0]
 
 
 def _tiny_pair():
@@ -362,6 +378,8 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
         (("--mode", "static_opd", "--train-data", "tiny:add", "tiny:lin", "tiny:mul"), "defined for two experts"),
         (("--hub", "5", "--train-data", "tiny:add", "tiny:lin", "tiny:mul"), "--hub 5 is not a branch"),
         (("--diag-prompts", "5"), "--diag-prompts 5 does not divide by the world size 2"),
+        (("--static-teacher", "tiny:small"), "--static-teacher is for --mode static_opd"),
+        (("--mode", "static_opd", "--static-teacher", "tiny:small", "--total-steps", "0"), "give --static-opd-steps"),
     ]
     for extra, msg in cases:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
