@@ -7,8 +7,10 @@ directions and MOPD, at matched total steps, over seeds, scored on both task fam
     python bench/copd_study.py --seeds 0 1 2 --jobs 2 --name copd_cue_dot -- --model tiny:cue_dot \
         --train-data tiny:add tiny:add_dot --eval-data tiny_add,tiny_add_dot \
         --verifiers math math_tag --eval-verifiers math math_tag       # one task behind a cue (also tiny:cue_think)
+    python bench/copd_study.py ... --configs copd mixed               # a subset of the runs (here the headline pair)
 
-Every run is `copd.py --preset tiny --mode ... <flags after -->` (T = 40 steps per branch); runs go to
+Every run is `copd.py --preset tiny --mode ... <flags after -->` (T = 40 steps per branch; copd.py's defaults: Eq.
+rlvr's sequence mean of token means, mixed RLVR from one pool of both datasets); runs go to
 bench/out/<name>/<config>-s<seed>/ and a finished run is reused. The table (markdown, mean ± std over seeds of held-out
 avg@4 at T = 1, 128 problems per family, and CoPD's merged model minus each row, paired by seed) goes to
 bench/out/<name>/table.md, the raw numbers to results.json, and the figure (top-10 overlap and symmetric KL between

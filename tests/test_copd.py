@@ -395,17 +395,17 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
 
 def test_tiny_preset_learns(tmp_path, warm):
     """The README's tiny run: CoPD on `add` and `lin` from `tiny:habits`, 2 branches × 40 steps. Measured over seeds
-    0-2 (bench/copd_study.py), the merged model gained +0.24 to +0.30 on add and +0.12 to +0.14 on lin (held-out
-    avg@4, 512 samples per family, whose run-to-run spread is about ±0.03); the +0.12 and +0.06 thresholds keep at
-    least twice that spread below the smallest measured gain. Mutual OPD pulled the branches back together in every
-    seed: the mean symmetric KL at the end of the Phase-II blocks was 0.66-0.77 of that at the end of the Phase-I
-    blocks, and O_10 never fell below 0.93."""
+    0-2 (bench/copd_study.py, the current defaults), the merged model gained +0.21 to +0.28 on add and +0.20 to +0.25
+    on lin (held-out avg@4, 512 samples per family, whose run-to-run spread is about ±0.03); the +0.12 thresholds keep
+    at least twice that spread below the smallest measured gain. Mutual OPD pulled the branches back together in
+    every seed: the mean symmetric KL at the end of the Phase-II blocks was 0.54-0.74 of that at the end of the
+    Phase-I blocks, and O_10 never fell below 0.93."""
     out = tmp_path / "run"
     run_script("copd.py", "--preset", "tiny", "--output-dir", str(out), "--save-every", "0")
     evals = read_jsonl(out / "eval.jsonl")
     acc = {(e["step"], e["benchmark"]): e["avg@4"] for e in evals if not e.get("tag")}
     assert acc[(40, "tiny_add")] >= acc[(0, "tiny_add")] + 0.12, acc
-    assert acc[(40, "tiny_lin")] >= acc[(0, "tiny_lin")] + 0.06, acc
+    assert acc[(40, "tiny_lin")] >= acc[(0, "tiny_lin")] + 0.12, acc
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "diag/sym_kl" in r]
     after_rl = [r["diag/sym_kl"] for r in rows if r["step"] % 10 == 6]
     after_opd = [r["diag/sym_kl"] for r in rows if r["step"] % 10 == 0]
