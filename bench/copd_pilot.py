@@ -79,12 +79,14 @@ def overlap_to_teacher(student_path: Path, teacher_path: Path, seed: int, n_prom
     """O_10 and symmetric KL (means over response tokens) between student and teacher on the student's own samples
     of the first n add training prompts: Eq. (overlap)'s μ_θ, the student's state distribution."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
     import common
     import copd
     import engines
     import runtime
+    transformers.utils.logging.disable_progress_bar()
     tok = runtime.load_tokenizer(str(student_path))
     vocab = len(tok)
     student, teacher = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (student_path, teacher_path))
@@ -104,12 +106,13 @@ def overlap_to_teacher(student_path: Path, teacher_path: Path, seed: int, n_prom
 def pearson(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.mean(xs), statistics.mean(ys)
     sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    return sxy / (sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys)) ** 0.5
+    sxx_syy = sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys)
+    return sxy / sxx_syy ** 0.5 if sxx_syy > 0 else float("nan")
 
 
-def fmt(xs: list[float], digits: int = 3) -> str:
-    return f"{statistics.mean(xs):+.{digits}f} ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else \
-        f"{xs[0]:+.{digits}f}"
+def fmt(xs: list[float], digits: int = 3, sign: str = "") -> str:
+    m = f"{statistics.mean(xs):{sign}.{digits}f}"
+    return f"{m} ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else m
 
 
 def exp2_curves(seeds: list[int], T: int) -> dict:
@@ -141,7 +144,7 @@ def figure(students: list[dict], curves: dict, seeds: list[int], path: Path) -> 
                             marker=markers[i % len(markers)], s=22, label=f"students on {fam}, seed {s}")
         xs, ys = [r["o10_before"] for r in pts], [r["gain"] for r in pts]
         mx, my = statistics.mean(xs), statistics.mean(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
         axes[0].plot([min(xs), max(xs)], [my + slope * (min(xs) - mx), my + slope * (max(xs) - mx)], c=colors[fam],
                      lw=1, label=f"fit, students on {fam}: pooled r = {pearson(xs, ys):+.2f}")
     axes[0].axhline(0, c="0.6", lw=0.6)
@@ -233,7 +236,7 @@ def main() -> None:
         kl_r = pearson([r["kl_before"] for r in pts], [r["gain"] for r in pts])
         summary[fam] = dict(r_per_seed=per_seed, r_pooled=pooled, r_kl_pooled=kl_r)
         lines.append(f"- students trained on {fam}: r per seed {', '.join(f'{x:+.2f}' for x in per_seed)} "
-                     f"(mean {fmt(per_seed, 2)}); pooled over seeds {pooled:+.2f} ({len(pts)} students); "
+                     f"(mean {fmt(per_seed, 2, '+')}); pooled over seeds {pooled:+.2f} ({len(pts)} students); "
                      f"gain against symmetric KL before OPD, pooled r {kl_r:+.2f}")
     lines += ["", "| students on | τ | O_10 before | sym KL before | add before | add after | gain | O_10 after | "
                   "lin before → after |", "|---|---|---|---|---|---|---|---|---|"]
@@ -242,7 +245,7 @@ def main() -> None:
             rs = [r for r in students if r["series"] == fam and r["temp"] == t]
             col = {k: [r[k] for r in rs] for k in rs[0] if k not in ("series", "temp", "seed")}
             lines.append(f"| {fam} | {t} | {fmt(col['o10_before'])} | {fmt(col['kl_before'])} | "
-                         f"{fmt(col['add_before'])} | {fmt(col['add_after'])} | {fmt(col['gain'])} | "
+                         f"{fmt(col['add_before'])} | {fmt(col['add_after'])} | {fmt(col['gain'], sign='+')} | "
                          f"{fmt(col['o10_after'])} | {fmt(col['lin_before'])} → {fmt(col['lin_after'])} |")
     lines += ["", "Experiment 2 (each expert against π_0; mean ± std over seeds):", ""]
     for fam in SERIES:
