@@ -208,9 +208,12 @@ def main() -> None:
         for t in a.temps:
             for fam, branch in SERIES.items():
                 run = STUDY / f"opd-{fam}-t{t}-s{s}"
-                o_b, kl_b = overlap_to_teacher(STUDY / f"students-t{t}-s{s}" / "branches" / branch, teacher, s,
-                                               a.diag_prompts)
-                o_a, kl_a = overlap_to_teacher(run / "final", teacher, s, a.diag_prompts)
+                cache = run / f"overlap{a.diag_prompts}.json"  # the measurement, kept with its run
+                if not cache.exists():
+                    student = STUDY / f"students-t{t}-s{s}" / "branches" / branch
+                    cache.write_text(json.dumps([overlap_to_teacher(m, teacher, s, a.diag_prompts)
+                                                 for m in (student, run / "final")]))
+                (o_b, kl_b), (o_a, kl_a) = json.loads(cache.read_text())
                 before, after = accuracy(run, 0), accuracy(run, a.opd_steps)
                 students.append(dict(series=fam, temp=t, seed=s, o10_before=o_b, kl_before=kl_b, o10_after=o_a,
                                      kl_after=kl_a, add_before=before, add_after=after, gain=after - before,
