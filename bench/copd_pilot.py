@@ -237,10 +237,12 @@ def main() -> None:
         per_seed = [pearson(*zip(*[(r["o10_before"], r["gain"]) for r in pts if r["seed"] == s])) for s in a.seeds]
         pooled = pearson([r["o10_before"] for r in pts], [r["gain"] for r in pts])
         kl_r = pearson([r["kl_before"] for r in pts], [r["gain"] for r in pts])
-        summary[fam] = dict(r_per_seed=per_seed, r_pooled=pooled, r_kl_pooled=kl_r)
+        acc_r = pearson([r["add_before"] for r in pts], [r["gain"] for r in pts])
+        summary[fam] = dict(r_per_seed=per_seed, r_pooled=pooled, r_kl_pooled=kl_r, r_add_before_pooled=acc_r)
         lines.append(f"- students trained on {fam}: r per seed {', '.join(f'{x:+.2f}' for x in per_seed)} "
                      f"(mean {fmt(per_seed, 2, '+')}); pooled over seeds {pooled:+.2f} ({len(pts)} students); "
-                     f"gain against symmetric KL before OPD, pooled r {kl_r:+.2f}")
+                     f"pooled r of the gain against symmetric KL before OPD {kl_r:+.2f}, against the student's add "
+                     f"accuracy before OPD {acc_r:+.2f}")
     lines += ["", "| students on | τ | O_10 before | sym KL before | add before | add after | gain | O_10 after | "
                   "lin before → after |", "|---|---|---|---|---|---|---|---|---|"]
     for fam in SERIES:
