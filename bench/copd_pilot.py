@@ -156,6 +156,8 @@ def figure(students: list[dict], curves: dict, seeds: list[int], path: Path) -> 
                            (axes[2], "sym_kl", "Exp. 2: symmetric KL of each expert to π_0")):
         for fam in SERIES:
             steps, ys = curves[(fam, key)]
+            if key == "sym_kl":  # a log axis from the first measurement (π_0 against itself is 0)
+                steps, ys = steps[1:], [y[1:] for y in ys]
             mean = [statistics.mean(v) for v in zip(*ys)]
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*ys)]
             ax.plot(steps, mean, marker=".", c=colors[fam], lw=1.2, label=f"{fam} expert (GRPO on {fam})")
@@ -164,7 +166,7 @@ def figure(students: list[dict], curves: dict, seeds: list[int], path: Path) -> 
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("GRPO step", fontsize=8)
         ax.legend(fontsize=7)
-    axes[2].set_yscale("symlog", linthresh=1e-3)
+    axes[2].set_yscale("log")
     for ax in axes:
         ax.tick_params(labelsize=7)
     fig.tight_layout()
