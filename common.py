@@ -438,6 +438,7 @@ BENCHMARKS = {  # name -> (hub dataset, split, problem column, answer column); t
     "math500": ("HuggingFaceH4/MATH-500", "test", "problem", "answer"),
     "aime24": ("HuggingFaceH4/aime_2024", "train", "problem", "answer"),
     "aime25": ("math-ai/aime25", "test", "problem", "answer"),
+    "hmmt25": ("MathArena/hmmt_feb_2025", "train", "problem", "answer"),  # HMMT February 2025, 30 problems
     "amc23": ("math-ai/amc23", "test", "question", "answer"),
     "minerva_math": ("math-ai/minervamath", "test", "question", "answer"),
     "olympiadbench": ("math-ai/olympiadbench", "test", "question", "final_answer"),

@@ -9,45 +9,50 @@ K branches start from one base π_0, one capability (dataset D_k, verifier r_k) 
                             scored by the partner's live weights before any branch updates that step.
     End:                    θ* = (1/K) Σ_k θ_k, a uniform merge saved in HF format.
 
-Both batches enter the same PPO-clip surrogate (ε 0.2/0.28), token-mean over the combined batch, no KL term. For K ≥ 3
-the branches form a hub and spokes: a spoke learns from the hub, the hub from every spoke (its cross budget split
-equally). The paper tracks top-10 overlap O_10 and symmetric KL between branches; here they are computed on fresh
-on-policy rollouts of every branch on every dataset at the end of each phase, logged (diag/*) and plotted.
+Both batches enter one PPO-clip surrogate (ε 0.2/0.28, §4.1), no KL term, aggregated as Eq. (rlvr) writes it:
+(1/G) Σ_i (1/|y_i|) Σ_t, a mean of per-sequence token means (--loss-agg; token-mean as a flag), over native and cross
+sequences alike (Alg. 1 combines both batches in one update; OPD's loss, Eq. opd of §2.1, is a per-sequence token
+mean too). For K ≥ 3 the branches form a hub and spokes (§3.3): a spoke learns from the hub, the hub from every spoke
+(its cross budget split equally). Top-10 overlap O_10 and symmetric KL between branches (§4.3) are computed on fresh
+on-policy rollouts of every branch on every dataset at the end of each phase (diag/*).
 
-Baselines at matched total steps (--mode), with T = --total-steps optimizer steps per branch:
+Baselines (§4.1), with T = --total-steps optimizer steps per branch:
     copd         K branches × T steps (N = T / (S_RL + S_OPD) cycles), merged                    K·T updates
     experts      K experts × T steps of GRPO on their own data; also merged (weight averaging)  K·T updates
-    mixed        one model, K·T GRPO steps on the union (each batch 1/K from every dataset)     K·T updates
+    mixed        one model, K·T GRPO steps on one pool of all data (§4.1; --mixed-pool)         K·T updates
     static_opd   the K = 2 experts (T steps each), then the student (--static-student) learns
                  from the other, frozen, by pure OPD on the teacher's data for one extra stage  K·T + T_opd updates
     mopd         the K experts (T steps each), then a fresh copy of π_0 learns from all of them,
                  frozen, by pure OPD on every dataset, each prompt scored by its own expert    K·T + T_opd updates
+The paper contradicts itself on budgets: §4.1 gives mixed RLVR and CoPD "the sum of the two specific experts" (K·T),
+Tables 1-2's captions give CoPD "the same total steps as static OPD" (K·T + T_opd). The text is followed here.
 
 Reconstructions of what the paper leaves open:
-  1. Text branches: math (Polaris-53K, math-verify) and code (KodCode-Light-RL-10K: the last ```python block is run
-     against the problem's pytest file in a sandbox, verifiers.CodeVerifier); Qwen3-4B-Instruct-2507 for the paper's
-     Qwen3-VL-4B-Instruct; 256 prompts × 8, lr 1e-6 constant, T 1.0, max 16,384 response tokens in training.
-  2. β = 1; S_RL : S_OPD = 15 : 10 (the paper's best ratio, 1.5 : 1; absolute values not given); T = 200 steps per
-     branch; the cross batch is half of each Phase-II step's prompts (same prompts per step as Phase I).
-  3. δ's student term is the rollout-time log-prob, detached (one update per batch: the same as the live one).
-  4. Teachers are live: every teacher scores with the weights it had before the step's updates (the paper's
-     commented-out "freeze teacher states" line is not implemented).
-  5. Merge: uniform average of the branches (--merge-weights for a weighted one); T_opd = T·S_OPD/(S_RL+S_OPD) for
-     static_opd. MOPD (multi-teacher OPD, the MiMo-V2-Flash recipe the paper cites; it gives no details): the student
-     starts at π_0, each step splits its prompts equally over the K datasets, Â_t = δ_t (β 1) in the same surrogate,
-     T_opd = T (a student that starts from π_0 gets one expert's budget).
-  6. Symmetric KL = KL(p‖q) + KL(q‖p) over the full vocabulary, averaged over response tokens; O_k = |top_k(p) ∩
-     top_k(q)| / k; both on 1 sample from each branch for --diag-prompts prompts of every dataset.
-  7. Evaluation: math avg@4 at T 0.7, top-p 0.8, top-k 20 (the authors' validation settings) on MATH-500, AIME 24/25,
-     Minerva; code pass rate on a held-out slice of the code data (--code-heldout), same sampling.
-  8. With --num-minibatches M > 1 (the paper makes one update per batch), optimizer step u takes the u-th 1/M of
+  1. Paper preset: math (Polaris-53K, math-verify) and code (KodCode-Light-RL-10K, its pytest file run on the last
+     ```python block in a sandbox, verifiers.CodeVerifier); 256 prompts × 8, lr 1e-6, T 1.0, 16,384 tokens (§4.1).
+  2. β = 1; S_RL : S_OPD = 15 : 10 (the paper's best ratio, 1.5 : 1, §4.3; absolute values not given); T = 200 steps
+     per branch; the cross batch is half of each Phase-II step's prompts (same prompts per step as Phase I).
+  3. δ's student term is the rollout-time log-prob, detached (the live one: one update per batch). Teachers are live,
+     scoring with their weights before the step's updates (Alg. 1's commented-out "freeze teacher states" is not).
+  4. Alg. 1's Merge(θ_0, θ_1, …, θ_{K−1}) reuses θ_0, the base's symbol; read as the K branches (θ_0…θ_{K−1}), no
+     base, "simple parameter merging" (§3.3) as a uniform average (--merge-weights). static_opd: T_opd = T·S_OPD/
+     (S_RL+S_OPD). MOPD (the MiMo-V2-Flash recipe the paper cites, no details): the student starts at π_0, each
+     step splits its prompts equally over the K datasets, Â_t = δ_t (β 1) in the same surrogate, T_opd = T.
+  5. Symmetric KL = KL(p‖q) + KL(q‖p) over the full vocabulary, averaged over response tokens; O_k = |top_k(p) ∩
+     top_k(q)| / k; both on 1 sample from each branch for --diag-prompts prompts of every dataset (Eq. overlap takes
+     the student's samples; two co-equal branches give both theirs).
+  6. Evaluation: math avg@4 at T 0.7, top-p 0.8, top-k 20 (the authors' validation settings) on the paper's text
+     benchmarks (§4.1: AIME 24/25, HMMT 2025, MATH-500, Minerva); code pass rate on a held-out slice of its data.
+  7. With --num-minibatches M > 1 (the paper makes one update per batch), optimizer step u takes the u-th 1/M of
      both the native and the cross part, so every step sees both signals.
-Deviations: none in the objective. One rollout engine serves every branch: each branch's weights are pushed into it
-before its rollouts (one vLLM engine per process: each would reserve its own memory), so a step costs K weight pushes.
-Tiny preset: the base is tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the
-two branches have different things to learn; T = 40 steps per branch with S_RL : S_OPD = 6 : 4 (the paper's
-1.5 : 1), lr 1e-4. Interference worlds: tiny:formats boxes or tags its answer at random in `add` and `lin`, graded on
-the box and the tag; tiny:cue_* do so on `add` and a rewording of it, told apart only by the wording (tiny.py).
+Deviations: the paper trains Qwen3-VL-4B-Instruct on text, image and video, the paper preset Qwen3-4B-Instruct-2507
+on math and code. §2.1 writes OPD as KL(π_T‖π_θ); the method (Eq. delta) and this script use the sampled reverse-KL
+token reward. One rollout engine serves every branch (one vLLM engine per process): a step costs K weight pushes.
+Tiny preset: base tiny:habits, a warm start with a different bad habit in `add` and `lin` (tiny.py), so the branches
+have different things to learn; T = 40 steps per branch, S_RL : S_OPD = 6 : 4 (the paper's 1.5 : 1), lr 1e-4.
+Interference worlds: tiny:formats boxes or tags its answer at random in `add` and `lin`, graded on the box and the
+tag; tiny:cue_* do so on `add` and a rewording of it, told apart only by the wording. The paper's pilot study (§2.3)
+in the toy world: bench/copd_pilot.py.
 
 Run:
     torchrun --nproc_per_node 8 copd.py --rollout vllm          # paper setup: math + code branches, 8 GPUs
@@ -83,9 +88,8 @@ class Args:
     seed: int = arg(0, "seed for model init, data order and rollouts")
     # --- policy and data (one value for every branch, or one per branch) --------------------------------
     model: str = arg("Qwen/Qwen3-4B-Instruct-2507", "base model π_0 every branch starts from: hub name, folder, tiny:*")
-    train_data: list[str] = arg(
-        ["POLARIS-Project/Polaris-Dataset-53K", "KodCode/KodCode-Light-RL-10K"],
-        "one dataset per branch (hub dataset, .jsonl file, or tiny:<families>); K = their count")
+    train_data: list[str] = arg(["POLARIS-Project/Polaris-Dataset-53K", "KodCode/KodCode-Light-RL-10K"],
+                                "one dataset per branch (hub dataset, .jsonl file or tiny:<families>); K = their count")
     train_split: str = arg("train", "split of every --train-data")
     problem_key: list[str] = arg(["problem", "question"], "column holding the problem text (one, or one per branch)")
     answer_key: list[str] = arg(["answer", "test"], "column holding the gold answer, or a code branch's pytest file")
@@ -96,8 +100,7 @@ class Args:
     answer_format: Literal["boxed", "answer_tag"] = arg("boxed", "where a math branch's final answer is read from")
     max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens")
     # --- evaluation ------------------------------------------------------------------------------------
-    eval_data: str = arg("math500,aime24,aime25,minerva_math",
-                         "comma-separated math benchmarks (names, .jsonl paths, tiny_<family>)")
+    eval_data: str = arg("math500,aime24,aime25,hmmt25,minerva_math", "math benchmarks (names, .jsonl, tiny_<family>)")
     eval_data_dir: str = arg("", "folder with <benchmark>.jsonl files, used before the hub")
     eval_limit: int = arg(0, "evaluate on the first N problems of each benchmark (0 = all)")
     eval_every: int = arg(50, "evaluate every branch every N steps (and the base at 0, the final model at the end)")
@@ -128,8 +131,8 @@ class Args:
     num_minibatches: int = arg(1, "optimizer steps per rollout batch (1 = on-policy, as in the paper)")
     clip_low: float = arg(0.2, "PPO clip ε_low")
     clip_high: float = arg(0.28, "PPO clip ε_high")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = arg("token-mean",
-                                                                                            "loss aggregation")
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = arg(
+        "seq-mean-token-mean", "loss aggregation (Eq. rlvr: a sequence mean of token means)")
     adv_scale: Literal["std", "none"] = arg("std", "group advantage: std-normalised (GRPO) or none (Dr. GRPO)")
     grad_checkpointing: bool = arg(True, "activation checkpointing of decoder layers (CUDA only)")
     logprob_chunk: int = arg(1024, "tokens per chunk of LM head + log-softmax")
@@ -142,6 +145,7 @@ class Args:
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- CoPD --------------------------------------------------------------------------------------------
     mode: Literal["copd", "experts", "mixed", "static_opd", "mopd"] = arg("copd", "the method or a baseline (see docstring)")
+    mixed_pool: Literal["single", "stratified"] = arg("single", "mixed: one pool of all data (§4.1) or 1/K per set")
     verifiers: list[str] = arg(["math", "code"], "reward per branch: math (math-verify on --answer-format), math_tag "
                                "(math-verify on <answer>...</answer>) or code (sandboxed pytest)")
     eval_verifiers: list[str] = arg([], "verifier of each --eval-data benchmark, in order (empty = math for all)")
@@ -152,6 +156,7 @@ class Args:
     phase2_native_rl: bool = arg(True, "keep native GRPO in Phase II (off: a pure-OPD Phase II)")
     hub: int = arg(0, "K ≥ 3: the hub branch of the hub-and-spoke topology")
     static_student: int = arg(1, "static_opd: the expert that learns from the other, frozen one")
+    static_teacher: str = arg("", "static_opd: the teacher's start; with --total-steps 0, OPD from it to --model")
     static_opd_steps: int = arg(0, "static_opd, mopd: T_opd, steps of the OPD stage (0 = T·S_OPD/(S_RL+S_OPD), mopd T)")
     merge_weights: list[float] = arg([], "weights of the final merge, one per branch (empty = uniform 1/K)")
     overlap_k: int = arg(10, "k of the top-k overlap diagnostic O_k")
@@ -191,11 +196,9 @@ def phase_at(step: int, args: Args) -> str:
 def teachers_of(k: int, K: int, args: Args) -> list[int]:
     """Whose prompts branch k samples in Phase II, and who scores them: the partner (K = 2); hub and spokes for
     K ≥ 3 (a spoke learns from the hub, the hub from every spoke); static_opd: the frozen other expert; mopd: all."""
-    if args.mode == "static_opd":
-        return [1 - k]
     if args.mode == "mopd":
         return list(range(K))
-    if K == 2:
+    if args.mode == "static_opd" or K == 2:
         return [1 - k]
     return [j for j in range(K) if j != k] if k == args.hub else [args.hub]
 
@@ -212,8 +215,8 @@ def batch_plan(k: int, phase: str, K: int, args: Args) -> list[tuple[str, int, i
     """The parts of branch k's batch this step: (kind, dataset, number of prompts). Phase I: P native prompts.
     Phase II: P·(1 − cross_frac) native + P·cross_frac on the teachers' datasets, split equally."""
     P = args.prompts_per_step
-    if args.mode == "mixed":
-        return [("native", j, P // K) for j in range(K)]
+    if args.mode == "mixed":  # dataset K: the single pool of every dataset's prompts (load_data)
+        return [("native", K, P)] if args.mixed_pool == "single" else [("native", j, P // K) for j in range(K)]
     if phase == "rl":
         return [("native", k, P)]
     teachers = teachers_of(k, K, args)
@@ -251,7 +254,7 @@ def copd_loss(logp_BT, old_logp_BT, adv_BT, mask_BT, norm, args: Args):
 
 def train_branch(model, opt, parts: list[Part], beta: float, vocab: int, args: Args, device) -> dict:
     """Branch k's update over its native + cross parts: --num-minibatches optimizer steps, step u taking the u-th
-    share of every part, the loss a token-mean over both. Returns the branch's metrics."""
+    share of every part, the loss one --loss-agg mean over both. Returns the branch's metrics."""
     split = [runtime.minibatches(p.batch, args.micro_batch_size, args.num_minibatches) for p in parts]
     if args.num_minibatches > 1:  # off-policy minibatches: the ratio needs the pre-update log-probs
         for p in parts:
@@ -265,10 +268,8 @@ def train_branch(model, opt, parts: list[Part], beta: float, vocab: int, args: A
         for (p, eng_BT), (rows, mb, norm) in zip(owners, runtime.accumulate(model, update, args.max_new_tokens)):
             logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
             old_BT = logp_BT.detach() if p.old_logp_BT is None else p.old_logp_BT[rows, :mb.T]
-            if p.kind == "native":
-                adv_BT = p.adv_B[rows, None].expand_as(logp_BT)
-            else:
-                adv_BT = cross_advantages(p.teacher_logp_BT[rows, :mb.T], old_BT, beta)
+            adv_BT = p.adv_B[rows, None].expand_as(logp_BT) if p.kind == "native" else \
+                cross_advantages(p.teacher_logp_BT[rows, :mb.T], old_BT, beta)  # Eq. rlvr's A_i, or Eq. delta
             loss, low_BT, high_BT = copd_loss(logp_BT, old_BT, adv_BT, mb.mask_BT, norm, args)
             loss.backward()
             with torch.no_grad():
@@ -292,9 +293,8 @@ def train_branch(model, opt, parts: list[Part], beta: float, vocab: int, args: A
 
 @torch.no_grad()
 def merge_into(target, models: list, weights: list[float]) -> None:
-    """θ* = Σ_k w_k θ_k (w_k = 1/K: the paper's "simple parameter merging"), shard by shard: all branches share
-    one architecture and one FSDP2 layout, so each rank averages its own shards and no communication is needed.
-    `target` may be one of `models`."""
+    """θ* = Σ_k w_k θ_k (w_k = 1/K: the paper's "simple parameter merging"), shard by shard: all branches share one
+    FSDP2 layout, so each rank averages its own shards with no communication. `target` may be one of `models`."""
     params = [dict(m.named_parameters()) for m in models]
     for name, p in target.named_parameters():
         p.copy_(sum(w * ps[name] for w, ps in zip(weights, params)))
@@ -358,8 +358,9 @@ def plan(args: Args, world: int) -> Plan:
     if args.eval_verifiers and len(args.eval_verifiers) != len(names := args.eval_data.split(",")):
         raise ValueError(f"--eval-verifiers needs one verifier per --eval-data benchmark ({len(names)}), or none")
     if args.mode == "static_opd" and (K != 2 or args.static_student not in (0, 1)):
-        raise ValueError("--mode static_opd is defined for two experts: give two --train-data and "
-                         "--static-student 0 or 1")
+        raise ValueError("--mode static_opd is defined for two experts: two --train-data, --static-student 0 or 1")
+    if args.static_teacher and (args.mode != "static_opd" or not args.total_steps + args.static_opd_steps):
+        raise ValueError("--static-teacher is for --mode static_opd; with --total-steps 0 give --static-opd-steps")
     if K >= 3 and not 0 <= args.hub < K:
         raise ValueError(f"--hub {args.hub} is not a branch (0..{K - 1})")
     if args.diag_prompts % world:
@@ -368,14 +369,16 @@ def plan(args: Args, world: int) -> Plan:
     T_opd = args.static_opd_steps or (T if args.mode == "mopd" else round(T * args.s_opd / (args.s_rl + args.s_opd)))
     total = {"mixed": K * T, "static_opd": T + T_opd, "mopd": T + T_opd}.get(args.mode, T)
     n_models = {"mixed": 1, "mopd": K + 1}.get(args.mode, K)  # mopd: the K experts and the student
+    if args.mode == "mixed" and args.mixed_pool == "single":  # dataset K, the pool: rows already in their template
+        keys["prompt_template"].append("{problem}")
     phases = {phase_at(s, args) for s in range(total)}
     for phase in phases:
         for k in students_at(phase, K, args):
             for kind, j, n in batch_plan(k, phase, K, args):
                 if n <= 0 or n % world:
-                    raise ValueError(f"branch {k}'s {phase} batch takes {n} {kind} prompts of dataset {j}, which must "
-                                     f"be a positive multiple of the world size {world}: adjust --prompts-per-step "
-                                     f"or --cross-frac")
+                    raise ValueError(f"branch {k}'s {phase} batch takes {n} {kind} prompts of dataset {j}, which "
+                                     f"must be a positive multiple of the world size {world}: adjust "
+                                     "--prompts-per-step or --cross-frac")
     return Plan(K, **keys, weights=per_branch(args.merge_weights or [1.0 / K], K, "merge_weights"), n_models=n_models,
                 total=total, phases=phases)
 
@@ -397,8 +400,11 @@ def load_data(args: Args, cfg: Plan, d) -> tuple[list, dict, dict]:
                                  f"{args.code_heldout}: lower it (0 = no code benchmark)")
             r, benches.setdefault("code", {})[f"code:{args.train_data[k]}"] = r[:-args.code_heldout], r[-args.code_heldout:]
         rows.append([{**x, "branch": k} for x in r])
+    if len(cfg.prompt_template) > cfg.K:  # mixed's single pool (dataset K): each row in its own dataset's template
+        rows.append([{**x, "problem": cfg.prompt_template[x["branch"]].format(problem=x["problem"])}
+                     for r in rows for x in r])
     streams = {f"own{k}": common.PromptStream(rows[k], d.world, d.rank, d.world, args.seed * 1000 + k)
-               for k in range(cfg.K)}
+               for k in range(len(rows))}
     for k in range(cfg.n_models):
         for j in {j for ph in cfg.phases if k in students_at(ph, cfg.K, args)
                   for kind, j, _ in batch_plan(k, ph, cfg.K, args) if kind == "cross"}:
@@ -408,9 +414,8 @@ def load_data(args: Args, cfg: Plan, d) -> tuple[list, dict, dict]:
 
 
 def diag_pairs(steps_done: int, cfg: Plan, args: Args) -> list[tuple[int, int]]:
-    """The branch pairs compared (O_k, symmetric KL) after `steps_done` steps: at the end of each phase (of each
-    S_RL / S_OPD block in the baselines) and of the run; the student and its teacher, the partners, or hub and
-    spokes. None without diagnostics or with one model."""
+    """The pairs compared (O_k, symmetric KL) after `steps_done` steps, at the end of each phase (of each S_RL / S_OPD
+    block in the baselines) and of the run: student and teacher, the partners, or hub and spokes; none for one model."""
     cycle = args.s_rl + args.s_opd
     if not args.diag_prompts or cfg.n_models == 1 or (steps_done % cycle not in (0, args.s_rl) and
                                                       steps_done != cfg.total):
@@ -437,15 +442,14 @@ def diagnose(branches, engine, tok, rows: list, pairs: list, steps_done: int, cf
     engine.sleep()
     m = {}
     for a, b in pairs:
-        o = kl = torch.zeros((), dtype=torch.float64, device=d.device)
-        n = 0
+        o = kl = n = 0.0
         for ro in seqs[a] + seqs[b]:
             for _, mb in ro.batch(tok.pad_token_id, d.device).micro_batches(args.micro_batch_size):
                 h_a, h_b = common.response_hidden(branches[a], mb), common.response_hidden(branches[b], mb)
                 head_a, head_b = branches[a].get_output_embeddings(), branches[b].get_output_embeddings()
                 o_N, kl_N = overlap_and_sym_kl(h_a, head_a, h_b, head_b, vocab, args.overlap_k, args.logprob_chunk)
                 o, kl, n = o + o_N.sum().double(), kl + kl_N.sum().double(), n + o_N.numel()
-        tot = runtime.all_reduce_mean({"o": o.item(), "kl": kl.item(), "n": float(n)}, d)
+        tot = runtime.all_reduce_mean({"o": float(o), "kl": float(kl), "n": n}, d)
         suffix = "" if len(pairs) == 1 else f"/{a}-{b}"
         m[f"diag/overlap_top{args.overlap_k}{suffix}"] = tot["o"] / max(tot["n"], 1.0)
         m[f"diag/sym_kl{suffix}"] = tot["kl"] / max(tot["n"], 1.0)
@@ -460,8 +464,9 @@ def main(args: Args) -> None:
     base_path = runtime.resolve(args.model, d)
     tok = runtime.load_tokenizer(base_path)
     vocab = len(tok)
-    branches = [runtime.load_model(base_path, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
-                for _ in range(cfg.n_models)]
+    inits = [runtime.resolve(args.static_teacher, d) if args.static_teacher and k != args.static_student else base_path
+             for k in range(cfg.n_models)]  # static_opd from a given teacher: its branch starts there
+    branches = [runtime.load_model(p, d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing) for p in inits]
     engine = engines.make_engine(args.rollout, base_path, d, tok, vocab, args)  # one engine, weights pushed per branch
     opts = [torch.optim.AdamW(b.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
             for b in branches]
@@ -471,8 +476,6 @@ def main(args: Args) -> None:
               for kind in {*cfg.verifiers, *benches} - {"code"}}
     if "code" in cfg.verifiers:
         verify["code"] = verifiers.CodeVerifier(args.code_workers, args.code_timeout, args.code_memory_mb)
-        if d.main:
-            print(f"[copd] code sandbox: {verify['code'].isolation}", flush=True)
     train_sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     eval_sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
     names = {f"branch{k}": b for k, b in enumerate(branches)}
@@ -483,8 +486,8 @@ def main(args: Args) -> None:
             streams[name].load_state_dict(s)
         start = state["step"]
     log = runtime.RunLog(out, d, args, start, cfg.total)
-    log.print(f"[copd] {out}  mode={args.mode}  K={cfg.K}  world={d.world}  device={d.device.type}  "
-              f"steps {start}->{cfg.total}")
+    log.print(f"[copd] {out}  mode={args.mode}  K={cfg.K}  world={d.world}  device={d.device.type}  steps {start}->"
+              f"{cfg.total}" + (f"  code sandbox: {verify['code'].isolation}" if "code" in verify else ""))
     pool = ThreadPoolExecutor(1)  # rewards of one branch's rollouts are graded while the next branch rolls out
 
     def push(k: int) -> None:  # branch k into the one engine, unless it holds it (every use ends with rest())
@@ -503,8 +506,9 @@ def main(args: Args) -> None:
         rest()
         log.eval(step, res, tag)
 
+    final = {"static_opd": args.static_student, "mopd": cfg.K}.get(args.mode, 0)  # the model a run delivers
     if start == 0 and cfg.total > 0:
-        run_eval(0, 0)  # every branch is π_0 here
+        run_eval(0, final)  # π_0 (only a --static-teacher starts elsewhere)
     for step in range(start, cfg.total):
         meter, metrics = runtime.Meter(), {}  # the step's values and timers; each branch's update has its own meter
         phase = phase_at(step, args)
@@ -544,7 +548,7 @@ def main(args: Args) -> None:
                 p.adv_B = common.group_advantages(p.correct_B.view(-1, args.group_size),
                                                   args.adv_scale).view(-1).to(d.device)
 
-        # --- update: one optimizer step per branch over its native + cross batch (token-mean over both)
+        # --- update: one optimizer step per branch over its native + cross batch, one mean over both
         with meter.time("update"):
             for k in students:
                 beta = 1.0 if k == cfg.K else cfg.beta[k]  # mopd's student: Â_t = δ_t, as in MiMo's recipe
@@ -554,8 +558,7 @@ def main(args: Args) -> None:
                     [None] * len(p.ro.texts) if p.correct_B is None else p.correct_B.tolist(), args.log_samples)])
         for key, name in (("reward", "reward/mean"), ("kl_teacher", "kl/teacher"), ("loss", "loss/total"),
                           ("response_length", "response/mean_length"), ("entropy", "policy/entropy")):
-            vals = [metrics[f"branch{k}/{key}"] for k in students if f"branch{k}/{key}" in metrics]
-            if vals:
+            if vals := [metrics[f"branch{k}/{key}"] for k in students if f"branch{k}/{key}" in metrics]:
                 metrics[name] = sum(vals) / len(vals)
 
         # --- diagnostics at the end of each phase (and of each S_RL / S_OPD block in the baselines)
@@ -581,15 +584,14 @@ def main(args: Args) -> None:
         for k in range(cfg.K):  # the branches, or the experts (mopd's student is the final model)
             runtime.save_hf(branches[k], tok, out / "branches" / f"branch{k}", d)
             run_eval(cfg.total, k, tag=f"branch{k}")
-    final = {"static_opd": args.static_student, "mopd": cfg.K}.get(args.mode, 0)
     if args.mode in ("copd", "experts"):
         merge_into(branches[0], branches, cfg.weights)
     runtime.save_hf(branches[final], tok, out / "final", d)
     run_eval(cfg.total, final)
     log.close(("reward/mean", "kl/teacher", f"diag/overlap_top{args.overlap_k}", "diag/sym_kl", "response/mean_length"))
+    pool.shutdown()
     for v in verify.values():
         v.close()
-    pool.shutdown()
     log.print(f"[copd] done: {out}")
     runtime.finish()
 

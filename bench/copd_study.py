@@ -7,8 +7,10 @@ directions and MOPD, at matched total steps, over seeds, scored on both task fam
     python bench/copd_study.py --seeds 0 1 2 --jobs 2 --name copd_cue_dot -- --model tiny:cue_dot \
         --train-data tiny:add tiny:add_dot --eval-data tiny_add,tiny_add_dot \
         --verifiers math math_tag --eval-verifiers math math_tag       # one task behind a cue (also tiny:cue_think)
+    python bench/copd_study.py ... --configs copd mixed               # a subset of the runs (here the headline pair)
 
-Every run is `copd.py --preset tiny --mode ... <flags after -->` (T = 40 steps per branch); runs go to
+Every run is `copd.py --preset tiny --mode ... <flags after -->` (T = 40 steps per branch; copd.py's defaults: Eq.
+rlvr's sequence mean of token means, mixed RLVR from one pool of both datasets); runs go to
 bench/out/<name>/<config>-s<seed>/ and a finished run is reused. The table (markdown, mean ± std over seeds of held-out
 avg@4 at T = 1, 128 problems per family, and CoPD's merged model minus each row, paired by seed) goes to
 bench/out/<name>/table.md, the raw numbers to results.json, and the figure (top-10 overlap and symmetric KL between
@@ -52,8 +54,8 @@ def read(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def run_all(study: Path, seeds: list[int], jobs: int, extra: list[str]) -> None:
-    todo = [(c, s) for c in CONFIGS for s in seeds if not (study / f"{c}-s{s}" / "final" / "config.json").exists()]
+def run_all(study: Path, seeds: list[int], jobs: int, extra: list[str], configs: list[str]) -> None:
+    todo = [(c, s) for c in configs for s in seeds if not (study / f"{c}-s{s}" / "final" / "config.json").exists()]
     running: list[tuple[str, int, subprocess.Popen, float]] = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     while todo or running:
@@ -93,7 +95,7 @@ def accuracy(run: Path, tag: str, base: bool) -> dict:
     return {e["benchmark"]: e["avg@4"] for e in evals if e["step"] == step}
 
 
-def table(study: Path, seeds: list[int]) -> tuple[str, dict]:
+def table(study: Path, seeds: list[int], configs: list[str]) -> tuple[str, dict]:
     benches = sorted(accuracy(study / f"copd-s{seeds[0]}", "", False))
     lines = [f"| model | optimizer steps | {' | '.join(benches)} | mean of all | CoPD merged minus this (paired) |",
              "|" + "---|" * (4 + len(benches))]
@@ -103,7 +105,7 @@ def table(study: Path, seeds: list[int]) -> tuple[str, dict]:
         return sum(a[b] for b in benches) / len(benches)
 
     copd_mean = [mean_all(accuracy(study / f"copd-s{s}", "", False)) for s in seeds]
-    for label, c, tag, base in ROWS:
+    for label, c, tag, base in (r for r in ROWS if r[1] in configs):
         accs = [accuracy(study / f"{c}-s{s}", tag, base) for s in seeds]
         cfg = json.loads((study / f"{c}-s{seeds[0]}" / "config.json").read_text())["args"]
         T = cfg["total_steps"]
@@ -162,16 +164,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=3, help="runs at once (each uses one thread)")
     ap.add_argument("--name", default="copd_study")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                    help="a subset of the runs (the figure needs copd, experts and static_add_to_lin)")
     ap.add_argument("extra", nargs="*", help="flags added to every run (after --)")
     a = ap.parse_args()
     study = ROOT / "bench" / "out" / a.name
     t0 = time.time()
-    run_all(study, a.seeds, a.jobs, a.extra)
-    md, raw = table(study, a.seeds)
+    run_all(study, a.seeds, a.jobs, a.extra, a.configs)
+    md, raw = table(study, a.seeds, a.configs)
     figure = ROOT / "bench" / ("copd_overlap.png" if a.name == "copd_study" else f"{a.name}_overlap.png")
-    final = overlap_figure(study, a.seeds, figure)
+    final = overlap_figure(study, a.seeds, figure) if {"copd", "experts", "static_add_to_lin"} <= set(a.configs) else {}
     diag = "\n".join(f"- {k}: {fmt(v)}" for k, v in final.items())
-    name = "" if a.name == "copd_study" else f" --name {a.name}"
+    name = ("" if a.name == "copd_study" else f" --name {a.name}") + \
+        ("" if a.configs == list(CONFIGS) else f" --configs {' '.join(a.configs)}")
     text = (f"`python bench/copd_study.py --seeds {' '.join(map(str, a.seeds))}{name}`"
             f"{' -- ' + ' '.join(a.extra) if a.extra else ''}, {time.time() - t0:.0f}s\n\n{md}\n\n"
             f"Branch divergence at the end of training (mean ± std over seeds):\n{diag}\n")

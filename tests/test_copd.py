@@ -10,9 +10,11 @@ import torch
 import cli
 import common
 import copd
+import engines
+import runtime
 import tiny
 import verifiers
-from conftest import finite, read_jsonl, run_script, stop_after, without_timing
+from conftest import SHARED_DATA, finite, read_jsonl, run_script, stop_after, without_timing
 
 SMOKE = ("--preset", "tiny", "--total-steps", "4", "--s-rl", "1", "--s-opd", "1", "--prompts-per-step", "4",
          "--group-size", "4", "--eval-limit", "8", "--eval-samples", "2", "--diag-prompts", "4", "--save-every", "2")
@@ -28,7 +30,9 @@ def test_schedule_topology_and_batch_plan():
     assert copd.batch_plan(0, "rl", 2, a) == [("native", 0, 16)]
     assert copd.batch_plan(1, "opd", 2, a) == [("native", 1, 8), ("cross", 0, 8)]
     assert copd.batch_plan(0, "opd", 2, _args("--no-phase2-native-rl")) == [("cross", 1, 16)]
-    assert copd.batch_plan(0, "rl", 2, _args("--mode", "mixed")) == [("native", 0, 8), ("native", 1, 8)]
+    assert copd.batch_plan(0, "rl", 2, _args("--mode", "mixed")) == [("native", 2, 16)]  # dataset K: the one pool
+    assert copd.batch_plan(0, "rl", 2, _args("--mode", "mixed", "--mixed-pool", "stratified")) == \
+        [("native", 0, 8), ("native", 1, 8)]
     # hub and spokes: the hub splits its cross budget over the spokes, a spoke learns from the hub only
     assert copd.teachers_of(0, 3, a) == [1, 2] and copd.teachers_of(2, 3, a) == [0]
     assert copd.batch_plan(0, "opd", 3, a) == [("native", 0, 8), ("cross", 1, 4), ("cross", 2, 4)]
@@ -80,6 +84,76 @@ def test_cue_worlds_reword_add_behind_a_cue_and_keep_each_sum_on_one_side_of_the
     think, boxed = tiny._target(tiny.SIZES["cue_think"], row, 0.2), tiny._target(tiny.SIZES["cue_think"], row, 0.8)
     assert think.startswith("<think> ") and boxed == row["solution"]
     assert verifiers.extract_answer(think, "answer_tag") == row["answer"] and verifiers.extract_answer(think) is None
+
+
+def test_mixed_draws_from_one_pool_of_all_data_each_row_in_its_own_template():
+    """Mixed RLVR's default batch is a draw from one shuffled pool of every dataset (§4.1), so a batch's share of
+    each dataset varies from step to step; each row keeps its dataset's prompt template and verifier (`branch`)."""
+    a = _args("--mode", "mixed", "--prompt-template", "A: {problem}", "B: {problem}", "--eval-data", "tiny_add")
+    cfg = copd.plan(a, world=1)
+    rows, _, streams = copd.load_data(a, cfg, runtime.Dist(0, 1, 0, torch.device("cpu")))
+    assert len(rows[2]) == len(rows[0]) + len(rows[1])
+    assert all(r["problem"] == cfg.prompt_template[r["branch"]].format(problem=s["problem"])
+               for r, s in zip(rows[2], rows[0] + rows[1]))
+    assert common.encode_prompt(tiny.build_tokenizer(), rows[2][0]["problem"], cfg.prompt_template[2]) == \
+        common.encode_prompt(tiny.build_tokenizer(), rows[0][0]["problem"], "A: {problem}")
+    shares = [sum(r["branch"] == 0 for r in copd.take(streams["own2"], 16)) for _ in range(20)]
+    assert len(set(shares)) > 2 and 0.4 < sum(shares) / (20 * 16) < 0.6, shares  # not 8 of 16 every step
+
+
+def test_update_averages_the_token_means_of_native_and_cross_sequences_alike():
+    """Eq. (rlvr)'s (1/G) Σ_i (1/|y_i|) Σ_t over the combined native + cross batch (the default --loss-agg): one
+    on-policy update with SGD moves the weights by −lr times the gradient of −(1/N) Σ_b (1/|y_b|) Σ_t A_bt log π(y_bt)
+    over all N sequences of both parts, whatever their lengths; token-mean would weigh long sequences more."""
+    tok = tiny.build_tokenizer()
+    vocab = len(tok)
+    prompts, resps, batch = _batch(tok, n=6, seed=3)
+    assert len({len(r) for r in resps}) > 2  # lengths differ: the two aggregations disagree
+    native, cross = common.Batch(batch.ids_BT[:4], batch.mask_BT[:4]), common.Batch(batch.ids_BT[4:], batch.mask_BT[4:])
+    g = torch.Generator().manual_seed(0)
+    adv_B, teacher_BT = torch.randn(4, generator=g), torch.randn(2, batch.T, generator=g) - 2
+
+    def parts():
+        def ro(b):
+            comps = [engines.Completion(resps[i], [0.0] * len(resps[i]), True) for i in b]
+            return engines.Rollouts([{}] * len(b), [prompts[i] for i in b], comps, [""] * len(b), 2)
+        return [copd.Part("native", 0, ro(range(4)), native, correct_B=torch.tensor([1.0, 0, 1, 1]), adv_B=adv_B),
+                copd.Part("cross", 1, ro(range(4, 6)), cross, teacher_logp_BT=teacher_BT)]
+
+    def delta(agg):
+        model = tiny.build_model("small", tok, seed=1)
+        model.set_requires_gradient_sync = lambda sync: None  # an unsharded model: nothing to synchronise
+        before = [p.detach().clone() for p in model.parameters()]
+        a = _args("--group-size", "2", "--max-grad-norm", "1e9", "--loss-agg", agg, "--temperature", "1.0")
+        copd.train_branch(model, torch.optim.SGD(model.parameters(), lr=1.0), parts(), 0.5, vocab, a, "cpu")
+        return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+    model = tiny.build_model("small", tok, seed=1)
+    logp_BT = common.token_logprobs(model, batch, vocab)[0]
+    adv_BT = torch.cat([adv_B[:, None].expand(4, batch.T), 0.5 * (teacher_BT - logp_BT[4:].detach())])
+    ref = -((adv_BT * logp_BT * batch.mask_BT).sum(1) / batch.mask_BT.sum(1)).mean()
+    grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    got = delta("seq-mean-token-mean")
+    for d_, g_ in zip(got, grads):
+        torch.testing.assert_close(d_, torch.zeros_like(d_) if g_ is None else -g_, atol=2e-6, rtol=1e-4)
+    assert copd.Args.loss_agg == "seq-mean-token-mean"
+    assert max((a - b).abs().max() for a, b in zip(got, delta("token-mean"))) > 1e-4
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hmmt25.jsonl").exists(), reason=f"benchmark data not found at {SHARED_DATA} "
+                    "(it sits beside a development checkout, not in a user's clone)")
+def test_hmmt25_loads_from_the_benchmark_folder_and_its_golds_grade_correct_against_themselves():
+    """HMMT February 2025, one of the paper's five text benchmarks (§4.1), is in the paper preset's --eval-data and
+    loads offline by name from --eval-data-dir (the hub dataset MathArena/hmmt_feb_2025 has the same columns)."""
+    assert "hmmt25" in copd.Args.eval_data.split(",") and common.BENCHMARKS["hmmt25"][1:] == ("train", "problem", "answer")
+    rows = common.load_benchmarks("hmmt25", str(SHARED_DATA))["hmmt25"]
+    assert len(rows) == 30 and all(r["problem"] and r["answer"] for r in rows)
+    grader = verifiers.Grader(workers=2, timeout_s=3.0)
+    try:
+        got = grader([f"So the answer is $\\boxed{{{r['answer']}}}$." for r in rows], [r["answer"] for r in rows])
+    finally:
+        grader.close()
+    assert got == [1.0] * 30, [r["answer"] for r, g in zip(rows, got) if g != 1.0]
 
 
 def _tiny_pair():
@@ -239,6 +313,22 @@ def test_baseline_modes(tmp_path, warm, mode, steps, tags):
         assert "branch0/reward" in rows[0] and "branch1/reward" not in rows[0]
 
 
+def test_static_opd_from_a_given_teacher(tmp_path, warm):
+    """--static-teacher with --total-steps 0 (bench/copd_pilot.py's OPD runs): the teacher branch starts from the given
+    weights and stays frozen while the student, --model, learns for T_opd steps by pure OPD."""
+    out = tmp_path / "run"
+    run_script("copd.py", *SMOKE, "--mode", "static_opd", "--total-steps", "0", "--static-opd-steps", "2",
+               "--static-teacher", "tiny:small", "--static-student", "0", "--save-every", "0", "--output-dir", str(out))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["phase"] for r in rows] == [2.0, 2.0] and "branch0/kl_teacher" in rows[-1] and "reward/mean" not in rows[0]
+    assert {(e["step"], e.get("tag", "")) for e in read_jsonl(out / "eval.jsonl")} == \
+        {(0, ""), (2, ""), (2, "branch0"), (2, "branch1")}
+    teacher, student, base = (_load_sd(p) for p in (out / "branches/branch1", out / "final", tiny.warm_start("habits")))
+    for n, v in _load_sd(tiny.warm_start("small")).items():
+        torch.testing.assert_close(teacher[n], v, atol=0, rtol=0)
+    assert any(not torch.equal(base[n], v) for n, v in student.items())
+
+
 def test_code_branch_end_to_end(tmp_path, warm):
     """A math branch and a code branch (the paper preset's layout) on the toy model: the code branch's prompts, its
     sandboxed pytest reward and its held-out benchmark (`code:<file>`) run end to end. The toy model writes no code,
@@ -288,6 +378,8 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
         (("--mode", "static_opd", "--train-data", "tiny:add", "tiny:lin", "tiny:mul"), "defined for two experts"),
         (("--hub", "5", "--train-data", "tiny:add", "tiny:lin", "tiny:mul"), "--hub 5 is not a branch"),
         (("--diag-prompts", "5"), "--diag-prompts 5 does not divide by the world size 2"),
+        (("--static-teacher", "tiny:small"), "--static-teacher is for --mode static_opd"),
+        (("--mode", "static_opd", "--static-teacher", "tiny:small", "--total-steps", "0"), "give --static-opd-steps"),
     ]
     for extra, msg in cases:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
@@ -303,17 +395,17 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
 
 def test_tiny_preset_learns(tmp_path, warm):
     """The README's tiny run: CoPD on `add` and `lin` from `tiny:habits`, 2 branches × 40 steps. Measured over seeds
-    0-2 (bench/copd_study.py), the merged model gained +0.24 to +0.30 on add and +0.12 to +0.14 on lin (held-out
-    avg@4, 512 samples per family, whose run-to-run spread is about ±0.03); the +0.12 and +0.06 thresholds keep at
-    least twice that spread below the smallest measured gain. Mutual OPD pulled the branches back together in every
-    seed: the mean symmetric KL at the end of the Phase-II blocks was 0.66-0.77 of that at the end of the Phase-I
-    blocks, and O_10 never fell below 0.93."""
+    0-2 (bench/copd_study.py, the current defaults), the merged model gained +0.21 to +0.28 on add and +0.20 to +0.25
+    on lin (held-out avg@4, 512 samples per family, whose run-to-run spread is about ±0.03); the +0.12 thresholds keep
+    at least twice that spread below the smallest measured gain. Mutual OPD pulled the branches back together in
+    every seed: the mean symmetric KL at the end of the Phase-II blocks was 0.54-0.74 of that at the end of the
+    Phase-I blocks, and O_10 never fell below 0.93."""
     out = tmp_path / "run"
     run_script("copd.py", "--preset", "tiny", "--output-dir", str(out), "--save-every", "0")
     evals = read_jsonl(out / "eval.jsonl")
     acc = {(e["step"], e["benchmark"]): e["avg@4"] for e in evals if not e.get("tag")}
     assert acc[(40, "tiny_add")] >= acc[(0, "tiny_add")] + 0.12, acc
-    assert acc[(40, "tiny_lin")] >= acc[(0, "tiny_lin")] + 0.06, acc
+    assert acc[(40, "tiny_lin")] >= acc[(0, "tiny_lin")] + 0.12, acc
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "diag/sym_kl" in r]
     after_rl = [r["diag/sym_kl"] for r in rows if r["step"] % 10 == 6]
     after_opd = [r["diag/sym_kl"] for r in rows if r["step"] % 10 == 0]
