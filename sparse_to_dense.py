@@ -227,7 +227,8 @@ def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, norm, args: Arg
     if ref_logp_BT is None:
         return loss_pg, loss_pg, None, low_BT, high_BT
     kl_BT = common.kl_estimate(logp_BT, ref_logp_BT, "k3")  # exp(lp_ref − lp) − (lp_ref − lp) − 1
-    return loss_pg + args.kl_coef * common.agg_loss(kl_BT, mask_BT, args.loss_agg, norm), loss_pg, kl_BT, low_BT, high_BT
+    loss = loss_pg + args.kl_coef * common.agg_loss(kl_BT, mask_BT, args.loss_agg, norm)
+    return loss, loss_pg, kl_BT, low_BT, high_BT
 
 
 def fkl_token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab: int, args: Args) -> torch.Tensor:
@@ -378,9 +379,9 @@ def check_args(args: Args) -> list[str]:
             raise ValueError(f"stage {s} has no length: give --steps-{s} N, or --{kind or 'grpo-'}epochs E > 0 passes "
                              f"over its data; leave a stage out of --stages to skip it")
         if n % world:
-            raise ValueError(f"--{kind}prompts-per-step {n} does not divide by the world size {world} (WORLD_SIZE): use "
-                             f"a multiple of {world}, e.g. --{kind}prompts-per-step {max(world, n - n % world)}, or "
-                             f"launch {world} ranks that divide it")
+            raise ValueError(f"--{kind}prompts-per-step {n} does not divide by the world size {world} (WORLD_SIZE): "
+                             f"use a multiple of {world}, e.g. --{kind}prompts-per-step {max(world, n - n % world)}, "
+                             f"or launch {world} ranks that divide it")
     if args.kl_coef < 0:
         raise ValueError(f"--kl-coef {args.kl_coef}: must be at least 0 (0 = no KL term, no reference model)")
     if args.distill_max_prompt_tokens > args.max_prompt_tokens:
@@ -531,8 +532,9 @@ def main(args: Args) -> None:
 
             # --- rollout: from the model that generates in this stage
             with meter.time("rollout"):
-                ro = engines.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, max_prompt, train_sampling,
-                                     runtime.rollout_seed(args.seed, step, d.rank, salt=STAGES.index(stage) + 1))
+                ro = engines.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, max_prompt,
+                                     train_sampling, runtime.rollout_seed(args.seed, step, d.rank,
+                                                                          salt=STAGES.index(stage) + 1))
                 gen_engine.sleep()  # free the GPU for the update (vLLM); the next weight push wakes it
 
             # --- reward: verifier accuracy (the GRPO signal in 1 and 3; only a metric in 2a and 2b)
