@@ -1,62 +1,80 @@
-"""Beyond GRPO and On-Policy Distillation: a Sparse-to-Dense workflow for LLM post-training
-(Xu, Sang et al., arXiv 2605.12483).
+"""Beyond GRPO and On-Policy Distillation: An Empirical Sparse-to-Dense Reward Principle for Language-Model
+Post-Training (Sang, Xu et al., arXiv 2605.12483).
 
-A larger teacher is first improved with sparse rewards, then handed to a smaller deployment student through a
-dense bridge, after which the student may take sparse-reward steps of its own. Four stages, any subset in order
-(`--stages 1,2a,2b,3`), each writing an HF-format model (`stage_<s>/`) that the next stage reads:
+Scarce labels go first to a larger teacher, which sparse-reward RL turns into a reward-shaped policy; a dense
+bridge hands it to the smaller deployment student; labels still unused may then train the student (Eq. 6,
+L_F → L_R → J_1). Four stages, any subset in order (`--stages 1,2a,2b,3`), each writing an HF-format model
+(`stage_<s>/`) that the next stage reads:
 
-  (S1)  teacher GRPO on the labelled data, DAPO-style, no KL:
-            L_1  = −(1/Σ|o_i|) Σ_i Σ_t min(ρ_it·A_i, clip(ρ_it, 1−ε_low, 1+ε_high)·A_i)
-            A_i  = (r_i − mean_G r) / std_G r,   ρ_it = π_θ(o_it) / π_old(o_it)
-  (S2a) forward-KL warmup on teacher rollouts y ~ π_T, full vocabulary, token-mean (enforces C2: the student
-        covers the teacher's support before it samples for itself):
-            L_2a = (1/Σ_i|y_i|) Σ_i Σ_t KL(π_T(·|s_it) ‖ π_θ(·|s_it)),  y_i ~ π_T   (nll: −log π_θ(y_it|s_it))
-  (S2b) on-policy distillation on student rollouts y ~ π_θ, the exact reverse KL at every position:
+  (S1)  teacher GRPO on the upstream labels, with a k3 KL (β = --kl-coef) to the stage's initial policy π_ref:
+            L_1  = −(1/Σ|o_i|) Σ_i Σ_t [min(ρ_it·A_i, clip(ρ_it, 1−ε, 1+ε)·A_i) − β·k3_it]
+            A_i  = (r_i − mean_G r) / std_G r,   ρ_it = π_θ(o_it) / π_old(o_it),   k3 = π_ref/π_θ − log(π_ref/π_θ) − 1
+  (S2a) forward-KL warmup under teacher occupancy (Eq. 5), full vocabulary, token-mean:
+            L_2a = (1/Σ_i|y_i|) Σ_i Σ_t KL(π_T(·|s_it) ‖ π_θ(·|s_it)),  y_i ~ π_T
+        --fkl-loss sft: −log π_θ(y_it|s_it) instead, hard-label SFT on the teacher's samples (the paper's
+        "teacher-sample SFT" transfer, route R2).
+  (S2b) on-policy distillation under student occupancy (Eq. 4; by Eq. 2 RL with the dense reward β·log π_T):
             L_2b = (1/Σ_i|y_i|) Σ_i Σ_t Σ_v π_θ(v|s_it) [log π_θ(v|s_it) − log π_T(v|s_it)],  y_i ~ π_θ
-        --opd-loss sampled: the per-token log-ratio as a dense reward, A_t = log π_T(y_t) − log π_θ(y_t),
-        in a REINFORCE loss −A_t·π_θ(y_t)/sg(π_θ(y_t)); both have the same expected gradient per position.
-  (S3)  student GRPO (as S1) on held-out labels; `--stage3-data replay` is the matched control (the same number
-        of updates on prompts the upstream stages already used: no new labels).
-The teacher is a frozen target in S2a and S2b (the C1 condition, a reward-shaped teacher, is what S1 provides).
+        --opd-loss sampled: the per-token log-ratio as a dense reward, A_t = log π_T(y_t) − log π_θ(y_t), in a
+        REINFORCE loss −A_t·π_θ(y_t)/sg(π_θ(y_t)); both have the same expected gradient per position.
+  (S3)  student GRPO (as S1) on the labels of --stage3-data.
+The teacher is frozen in S2a and S2b; S2a samples it as it goes (the distribution of App. E's cached rollouts).
 
-The paper's ablations are stage subsets, one command each:
-    --stages 2a,2b,3                raw teacher (no S1)          --stages 1,2b,3     no forward-KL warmup
-    --stages 1,2a,3                 no on-policy distillation    --stages 3 --stage3-data all   cold GRPO
-    --stage3-data replay            the matched replay control for S3
+Data (App. E): a seeded (--split-seed) split of the training set into two equal halves, 1H and 2H; the upstream
+stages (1, 2a, 2b) use --upstream-data (1H or full), stage 3 --stage3-data (2H, 1H or full).
 
-Reconstructions of details the paper leaves open:
-  1. S1/S3 follow the authors' GRPO script: clip 0.2/0.28, dual clip c = 10 on negative advantages, token-mean,
-     no KL or entropy term, 512 prompts × 8, PPO mini-batches of 128 prompts (4 updates per rollout batch), lr 1e-6,
-     weight decay 0.1, grad clip 1.0, T = 1. S2b follows the authors' OPD trainer: 256 prompts × 1 rollout, one
-     optimizer step per rollout batch, no ratio or clip, exact reverse KL. S2a uses S2b's batch and schedule on
-     teacher rollouts (its code is not published).
-  2. Stage lengths are not published: 400 / 200 / 800 / 100 steps by default (about 15 epochs, the authors' code
-     default, for S1 and S2b on the 80% split, and for S3 on the 20% one; S2a a quarter of S2b).
-  3. "Held-out labels": a seeded (42) 80/20 split of the training set, as in the authors' data preparation;
-     S1, S2a and S2b see the 80%, S3 the 20% (`heldout`), the 80% again (`replay`) or everything (`all`).
-  4. Data: the deduplicated DAPO-Math-17k (open-r1's processing of it); its "Answer:" instructions are stripped
+Routes (Table 1; T3-*: Table 3's transfer-only rows, unnamed there), one command each:
+  R1       cold GRPO on the student           --stages 3 --stage3-data full
+  R3-full  full data upstream, no stage 3     --stages 1,2a,2b --upstream-data full
+  R5-half  1H upstream, then GRPO on 2H       --stages 1,2a,2b,3 --upstream-data 1H --stage3-data 2H
+  R7       R5-half, stage 3 replays 1H        --stages 1,2a,2b,3 --upstream-data 1H --stage3-data 1H
+  R2       teacher-sample SFT for the bridge  --stages 1,2a,3 --fkl-loss sft
+  R8       OPD without the warmup             --stages 1,2b,3
+  R6       an SFT-trained teacher             --stages 2a,2b,3 --teacher SFT_TEACHER
+  T3-raw   raw teacher, bridge only           --stages 2a,2b --upstream-data full
+  T3-opd   RL'd teacher, OPD only             --stages 1,2b --upstream-data full
+  T3-sft   RL'd teacher, SFT only             --stages 1,2a --fkl-loss sft --upstream-data full
+R5-half's flags are the defaults. R7 from R5-half's bridge without recomputing it: --stages 3 --stage3-data 1H
+--model R5_RUN/stage_2b (every stage seeds its data and rollouts by seed, stage and step, so it is the same run).
+
+Settings (Tables 9, 10; where they are silent, the defaults of verl, the framework both name), and reconstructions:
+  1. GRPO stages (Table 9): lr 1e-6, clip 0.2, k3 KL with β = 5e-4 to a frozen copy of the stage's initial policy
+     (the estimator is unstated: k3 is verl's "low_var_kl", its GRPO choice, and DeepSeekMath's; the copy is loaded
+     only when β > 0), gradient clip 1.0, 3,072 / 16,384 prompt / response tokens, micro-batch 1; verl's dual clip
+     c = 3 on negative advantages, token-mean, weight decay 0.01; G = 8 (Table 9 gives no group size; Table 10's).
+     Stage 1's settings are not given: it uses Table 9's (--teacher-lr 1e-6).
+  2. "GRPO epochs 10, mini-batch 8" (Table 9) is read as 10 passes over the stage's labels (verl's total_epochs)
+     in optimizer steps of 8 prompts × G, each on its own rollout batch (no rollout batch is given: on-policy).
+     Not implemented: verl's ppo_epochs reading (10 update passes over each rollout batch, in mini-batches of 8
+     prompts); mini-batches alone are --prompts-per-step 512 --num-minibatches 64. A stage runs --steps-<s> steps,
+     or where that is 0 (the default) --grpo-epochs / --distill-epochs passes over its data, rounded.
+  3. Distillation stages (Table 10): lr 1e-6, 64 prompts × 8 rollouts per optimizer step, one pass, 2,048 / 16,384
+     tokens, T / top-p / top-k 1 / 1 / off; S2a uses them too (the table does not tell the warmup from OPD). Its
+     micro-batch 4 (Table 9's 1 is used) changes speed only: the losses are global token-means.
+  4. The authors' public training scripts differ (GRPO clip 0.2/0.28, dual clip 10, no KL, weight decay 0.1, 2,048 /
+     8,192 tokens, 512 prompts × 8 in 4 mini-batches; OPD 256 prompts × 1; 400 / 200 / 800 / 100 steps):
+     --preset authors-code.
+  5. Data: the deduplicated DAPO-Math-17k (open-r1's processing of it); its "Answer:" instructions are stripped
      and the prompt asks for \\boxed{} as in the authors' pipeline; Qwen3 in non-thinking mode. The reward is
      math-verify accuracy on the last \\boxed{} (the authors use a Hendrycks string match, slightly stricter).
-  5. Evaluation avg@16 at T 0.7, top-p 0.8, top-k 20 (Qwen3's non-thinking setting, the authors' eval script),
-     up to 16,384 tokens, on MATH-500 and AIME 2024/2025, after every stage.
+  6. Evaluation avg@16 at T 0.7, top-p 0.8, top-k 20 (Qwen3's non-thinking setting, the authors' eval script), up
+     to 16,384 tokens, on MATH-500 and AIME 2024/2025, after every stage (the paper's ±: standard error over problems).
 Deviations: the distillation losses are token-means over the global batch (the authors average per-micro-batch
 token-means), so the result does not depend on how a batch is cut into micro-batches or ranks.
 
-Rollout engines. Only one model generates in each stage (the teacher in S1 and S2a, the student in S2b and S3).
-This project keeps one vLLM engine per process (each reserves its own memory) and teacher and student differ in
-shape, so `--rollout vllm` serves the one role that generates in all the requested stages: run `--stages 1,2a`
-and then `--stages 2b,3` (pointing `--teacher`/`--model` at the first run's stage folders); a mix is refused with
-that advice. The model that only needs evaluation there (the student after S2a) is sampled by the HF engine.
+Rollout engines. One model generates in each stage (the teacher in S1 and S2a, the student in S2b and S3), and one
+vLLM engine per process (each reserves its own memory) serves it: with `--rollout vllm` run `--stages 1,2a`, then
+`--stages 2b,3` with `--teacher`/`--model` at the first run's stage folders (a mix is refused with that advice). A
+model that only needs evaluation there (the student after S2a) is sampled by the HF engine.
 
-Tiny preset: tiny:large teaches tiny:small; 10/10/10/20 steps for S1/S2a/S2b/S3 (S3 longer, so the GRPO stage
-has room to move after distillation), the student's lr 1e-4 (the toy world's working RL rate) and the teacher's
-3e-5 (the tiny large model is near its ceiling; in codistill_grpo.py's measurement it lost held-out accuracy when
-trained at 1e-4 and held it at 3e-5).
+Tiny preset: the paper's settings at toy scale: tiny:large teaches tiny:small; 10/10/10/20 steps for S1/S2a/S2b/S3
+(S3 longer, so GRPO has room to move after distillation), GRPO 16 prompts × 8, distillation 4 prompts × 8, lr 1e-4
+(the toy world's working RL rate), the teacher's 3e-5 (tiny:large lost held-out accuracy at 1e-4 in codistill_grpo.py).
 
 Run:
     torchrun --nproc_per_node 8 sparse_to_dense.py --rollout vllm --stages 1,2a --output-dir runs/s2d-t
     torchrun --nproc_per_node 8 sparse_to_dense.py --rollout vllm --stages 2b,3 --output-dir runs/s2d-s \\
-        --teacher runs/s2d-t/stage_1 --model runs/s2d-t/stage_2a       # Qwen3-8B -> Qwen3-1.7B, 8 GPUs
+        --teacher runs/s2d-t/stage_1 --model runs/s2d-t/stage_2a       # R5-half, Qwen3-8B -> Qwen3-1.7B, 8 GPUs
     python sparse_to_dense.py --preset 1gpu                              # one 80 GB GPU, Qwen3-1.7B -> 0.6B
     python sparse_to_dense.py --preset tiny                              # CPU, toy world, a few minutes
 """
@@ -83,7 +101,7 @@ from cli import arg
 @dataclass
 class Args:
     # --- run -------------------------------------------------------------------------------------------
-    preset: str = arg("paper", "bundle of defaults: paper | 1gpu | tiny (CPU toy world); explicit flags win")
+    preset: str = arg("paper", "defaults: paper | authors-code | 1gpu | tiny (CPU toy world); explicit flags win")
     output_dir: str = arg("", "run directory (default runs/<script>-<preset>-<time>)")
     resume: str = arg("", "continue a run: its directory (completed stages and latest checkpoint) or a "
                           "checkpoints/step_N folder")
@@ -99,7 +117,7 @@ class Args:
     prompt_template: str = arg("{problem}\n\nLet's think step by step and output the final answer within \\boxed{}.",
                                "user message; {problem} is filled in")
     answer_format: Literal["boxed", "answer_tag"] = arg("boxed", "where the final answer is read from")
-    max_prompt_tokens: int = arg(2048, "prompts are left-truncated to this many tokens")
+    max_prompt_tokens: int = arg(3072, "GRPO and evaluation prompts are left-truncated to this many tokens (Table 9)")
     # --- evaluation ------------------------------------------------------------------------------------
     eval_data: str = arg("math500,aime24,aime25", "comma-separated benchmarks (names, .jsonl paths, tiny_<family>)")
     eval_data_dir: str = arg("", "folder with <benchmark>.jsonl files, used before the hub")
@@ -111,13 +129,13 @@ class Args:
     eval_top_k: int = arg(20, "evaluation top-k (0 = off)")
     eval_max_new_tokens: int = arg(16384, "evaluation response budget")
     # --- rollouts --------------------------------------------------------------------------------------
-    steps_1: int = arg(400, "stage 1 (teacher GRPO) optimizer steps")
-    steps_2a: int = arg(200, "stage 2a (forward-KL warmup) optimizer steps")
-    steps_2b: int = arg(800, "stage 2b (on-policy distillation) optimizer steps")
-    steps_3: int = arg(100, "stage 3 (student GRPO) optimizer steps")
-    prompts_per_step: int = arg(512, "P: prompts per GRPO step (stages 1 and 3) over all ranks")
+    steps_1: int = arg(0, "stage 1 (teacher GRPO) optimizer steps; 0 = --grpo-epochs passes over its data")
+    steps_2a: int = arg(0, "stage 2a (forward-KL warmup) optimizer steps; 0 = --distill-epochs passes over its data")
+    steps_2b: int = arg(0, "stage 2b (on-policy distillation) optimizer steps; 0 = --distill-epochs passes")
+    steps_3: int = arg(0, "stage 3 (student GRPO) optimizer steps; 0 = --grpo-epochs passes over its data")
+    prompts_per_step: int = arg(8, "P: prompts per GRPO rollout batch (stages 1, 3) over all ranks (Table 9)")
     group_size: int = arg(8, "G: completions per prompt in GRPO stages")
-    max_new_tokens: int = arg(8192, "response budget in training")
+    max_new_tokens: int = arg(16384, "response budget in training (Tables 9, 10)")
     temperature: float = arg(1.0, "rollout temperature")
     top_p: float = arg(1.0, "rollout top-p")
     top_k: int = arg(0, "rollout top-k (0 = off)")
@@ -129,12 +147,12 @@ class Args:
     # --- optimisation ----------------------------------------------------------------------------------
     lr: float = arg(1e-6, "AdamW learning rate of the student (stages 2a, 2b, 3)")
     lr_warmup_steps: int = arg(0, "linear warmup steps at the start of every stage")
-    weight_decay: float = arg(0.1, "AdamW weight decay")
+    weight_decay: float = arg(0.01, "AdamW weight decay (verl's default; the tables give none)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
-    micro_batch_size: int = arg(8, "sequences per forward/backward")
-    num_minibatches: int = arg(4, "optimizer steps per rollout batch in GRPO stages (distillation: always 1)")
+    micro_batch_size: int = arg(1, "sequences per forward/backward")
+    num_minibatches: int = arg(1, "optimizer steps per rollout batch in GRPO stages (distillation: always 1)")
     clip_low: float = arg(0.2, "PPO clip ε_low")
-    clip_high: float = arg(0.28, "PPO clip ε_high")
+    clip_high: float = arg(0.2, "PPO clip ε_high")
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = arg("token-mean",
                                                                                             "loss aggregation")
     adv_scale: Literal["std", "none"] = arg("std", "group advantage: std-normalised (GRPO) or none (Dr. GRPO)")
@@ -148,40 +166,46 @@ class Args:
     grader_workers: int = arg(2, "math-verify worker processes per rank")
     grader_timeout: float = arg(5.0, "seconds per answer before it scores 0")
     # --- Sparse-to-Dense -------------------------------------------------------------------------------------
-    stages: str = arg("1,2a,2b,3", "stages to run, in order: any subset of 1,2a,2b,3 (a left-out stage is an "
-                      "ablation: 2a,2b,3 = raw teacher, 1,2b,3 = no warmup, 1,2a,3 = no OPD)")
+    stages: str = arg("1,2a,2b,3", "stages to run, in order: any subset of 1,2a,2b,3 (the docstring's routes)")
+    upstream_data: Literal["1H", "full"] = arg("1H", "labels of stages 1, 2a, 2b: the first half or all (App. E)")
+    stage3_data: Literal["2H", "1H", "full"] = arg("2H", "labels of stage 3: the held-out half (R5-half), the "
+                                                   "upstream half again (R7 replay control), or all (R1 cold GRPO)")
+    split_seed: int = arg(42, "seed of the split into halves")
     teacher: str = arg("Qwen/Qwen3-8B", "teacher sharing the student's tokenizer: stage 1 starts from it; without "
                        "stage 1 it is the distillation target as is (e.g. another run's stage_1/)")
-    allow_template_mismatch: bool = arg(False, "accept a teacher whose chat template differs from the "
-                                        "student's (it would score prompts in the student's format)")
+    allow_template_mismatch: bool = arg(False, "accept a teacher whose chat template differs from the student's")
     teacher_lr: float = arg(1e-6, "AdamW learning rate of the teacher in stage 1")
-    distill_prompts_per_step: int = arg(256, "prompts per step of stages 2a and 2b over all ranks")
-    distill_group_size: int = arg(1, "rollouts per prompt in stages 2a and 2b")
-    fkl_loss: Literal["full", "nll"] = arg("full", "stage 2a: exact full-vocabulary KL(π_T‖π_θ) on teacher "
-                                           "rollouts, or nll = plain SFT on the teacher's samples (the baseline)")
+    kl_coef: float = arg(5e-4, "β of the k3 KL to the GRPO stage's initial policy (Table 9); 0 loads no reference")
+    dual_clip: float = arg(3.0, "dual-clip c: a negative-advantage token's loss is at most c·|A| (0 = off)")
+    grpo_epochs: float = arg(10.0, "passes over the data of a GRPO stage whose --steps-<s> is 0 (Table 9)")
+    distill_epochs: float = arg(1.0, "passes over the data of a distillation stage whose --steps-<s> is 0 (Table 10)")
+    distill_prompts_per_step: int = arg(64, "prompts per step of stages 2a and 2b over all ranks (Table 10)")
+    distill_group_size: int = arg(8, "rollouts per prompt in stages 2a and 2b (Table 10)")
+    distill_max_prompt_tokens: int = arg(2048, "prompt truncation in 2a and 2b (Table 10; ≤ --max-prompt-tokens)")
+    fkl_loss: Literal["full", "sft"] = arg("full", "stage 2a: exact full-vocabulary KL(π_T‖π_θ) on teacher rollouts, "
+                                           "or sft = hard-label SFT on the teacher's samples (route R2)")
     opd_loss: Literal["full", "sampled"] = arg("full", "stage 2b: exact full-vocabulary KL(π_θ‖π_T) per position, "
                                                "or sampled = log π_T − log π_θ of the sampled token as its advantage")
-    dual_clip: float = arg(10.0, "dual-clip c: a negative-advantage token's loss is at most c·|A| (0 = off)")
-    stage3_data: Literal["heldout", "replay", "all"] = arg("heldout", "stage 3 labels: the held-out split, the "
-                                                           "upstream split again (matched replay control), or all")
-    heldout_frac: float = arg(0.2, "share of the training set held out for stage 3")
-    split_seed: int = arg(42, "seed of the held-out split")
     enable_thinking: bool = arg(False, "passed to the chat template (Qwen3: false = non-thinking mode, the paper's)")
 
 
 PRESETS = {
-    "paper": {},
-    "1gpu": dict(model="Qwen/Qwen3-0.6B", teacher="Qwen/Qwen3-1.7B", prompts_per_step=64, distill_prompts_per_step=64,
-                 num_minibatches=2, max_new_tokens=2048, eval_max_new_tokens=4096, max_prompt_tokens=512,
+    "paper": {},  # Tables 9 and 10, see the docstring
+    "authors-code": dict(max_prompt_tokens=2048, distill_max_prompt_tokens=2048, max_new_tokens=8192,
+                         steps_1=400, steps_2a=200, steps_2b=800, steps_3=100, grpo_epochs=0, distill_epochs=0,
+                         prompts_per_step=512, num_minibatches=4, micro_batch_size=8, clip_high=0.28, dual_clip=10.0,
+                         kl_coef=0.0, weight_decay=0.1, distill_prompts_per_step=256, distill_group_size=1),
+    "1gpu": dict(model="Qwen/Qwen3-0.6B", teacher="Qwen/Qwen3-1.7B", distill_prompts_per_step=8,
+                 max_new_tokens=2048, eval_max_new_tokens=4096, max_prompt_tokens=512, distill_max_prompt_tokens=512,
                  eval_samples=4, micro_batch_size=4, steps_1=100, steps_2a=50, steps_2b=100, steps_3=50,
-                 eval_every=0),
+                 grpo_epochs=0, distill_epochs=0, eval_every=0),
     "tiny": dict(model="tiny:small", teacher="tiny:large", train_data="tiny:add,mul,lin", problem_key="problem",
-                 answer_key="answer", prompt_template="{problem}", max_prompt_tokens=64,
+                 answer_key="answer", prompt_template="{problem}", max_prompt_tokens=64, distill_max_prompt_tokens=64,
                  eval_data="tiny_add,tiny_mul,tiny_lin", eval_limit=128, eval_every=10, eval_samples=4,
                  eval_temperature=1.0, eval_top_p=1.0, eval_top_k=0, eval_max_new_tokens=48, steps_1=10,
-                 steps_2a=10, steps_2b=10, steps_3=20, prompts_per_step=16, group_size=8, distill_prompts_per_step=32,
-                 max_new_tokens=48, lr=1e-4, teacher_lr=3e-5, num_minibatches=1, micro_batch_size=64, save_every=10,
-                 grader_workers=1, logprob_chunk=4096),
+                 steps_2a=10, steps_2b=10, steps_3=20, grpo_epochs=0, distill_epochs=0, prompts_per_step=16,
+                 distill_prompts_per_step=4, max_new_tokens=48, lr=1e-4, teacher_lr=3e-5, micro_batch_size=64,
+                 save_every=10, grader_workers=1, logprob_chunk=4096),
 }
 
 STAGES = ("1", "2a", "2b", "3")
@@ -191,21 +215,26 @@ GRPO_STAGES = ("1", "3")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The method: the stages' objectives (S1-S3 in the docstring) and the held-out split
+# The method: the stages' objectives (S1-S3 in the docstring) and the split into halves
 # ----------------------------------------------------------------------------------------------------------
-def grpo_loss(logp_BT, old_logp_BT, adv_B, mask_BT, norm, args: Args):
-    """(S1), (S3): clipped surrogate with clip-higher and the dual clip of the authors' GRPO, token-mean, no KL.
-    Returns (loss, clipped-low map, clipped-high map)."""
+def grpo_loss(logp_BT, old_logp_BT, ref_logp_BT, adv_B, mask_BT, norm, args: Args):
+    """(S1), (S3): clipped surrogate with the dual clip, token-mean, plus β·k3 to the reference where there is one.
+    Returns (loss, surrogate, k3 map or None, clipped-low map, clipped-high map)."""
     adv_BT = adv_B[:, None].expand_as(logp_BT)
     pg_BT, low_BT, high_BT = common.ppo_clip_loss(logp_BT, old_logp_BT, adv_BT, args.clip_low, args.clip_high)
     if args.dual_clip > 0:  # a huge ratio on a bad token would otherwise give an unbounded step
         pg_BT = torch.where(adv_BT < 0, torch.minimum(pg_BT, -args.dual_clip * adv_BT), pg_BT)
-    return common.agg_loss(pg_BT, mask_BT, args.loss_agg, norm), low_BT, high_BT
+    loss_pg = common.agg_loss(pg_BT, mask_BT, args.loss_agg, norm)
+    if ref_logp_BT is None:
+        return loss_pg, loss_pg, None, low_BT, high_BT
+    kl_BT = common.kl_estimate(logp_BT, ref_logp_BT, "k3")  # exp(lp_ref − lp) − (lp_ref − lp) − 1
+    loss = loss_pg + args.kl_coef * common.agg_loss(kl_BT, mask_BT, args.loss_agg, norm)
+    return loss, loss_pg, kl_BT, low_BT, high_BT
 
 
 def fkl_token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab: int, args: Args) -> torch.Tensor:
     """(S2a) per teacher-sampled token [N]: KL(π_T(·|s_t) ‖ π_θ(·|s_t)) over the shared vocabulary (`full`), or
-    −log π_θ(y_t|s_t) (`nll`: SFT on the teacher's samples, the sampled-token estimator of the same gradient)."""
+    −log π_θ(y_t|s_t) (`sft`: hard labels, the sampled-token estimator of the same gradient)."""
     if args.fkl_loss == "full":
         return common.kl_from_hidden(h_NH, head, h_t_NH, head_t, vocab, "forward", args.logprob_chunk)
     return -common.logprobs_from_hidden(h_NH, head, targets_N, vocab, 1.0, args.logprob_chunk)[0]
@@ -224,14 +253,11 @@ def opd_token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab: int, args: Args
     return -adv_N * torch.exp(logp_N - logp_N.detach())  # ratio 1 on-policy; its value is −A_t = k1
 
 
-def split_labels(rows: list[dict], heldout_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split of the labelled set into (upstream, held-out): stages 1, 2a, 2b use the first, stage 3 the
-    second. Both keep the original row order."""
-    if not 0 < heldout_frac < 1:
-        raise ValueError(f"--heldout-frac {heldout_frac} must lie strictly between 0 and 1")
+def split_halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """(1H, 2H): a seeded split into two equal halves (App. E; 1H gets an odd row), each in the original order."""
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(perm[:round(len(rows) * heldout_frac)])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    second = set(perm[(len(rows) + 1) // 2:])
+    return [r for i, r in enumerate(rows) if i not in second], [r for i, r in enumerate(rows) if i in second]
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -246,25 +272,35 @@ def parse_stages(spec: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # Train loop: one stage at a time, each reading the previous stage's HF output
 # ----------------------------------------------------------------------------------------------------------
-def grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab: int, args: Args, meter) -> None:
-    """One GRPO rollout batch: group advantages, old log-probs (off-policy mini-batches only), clipped updates."""
+def grpo_update(model, ref, opt, batch, correct_B, engine_logp_BT, vocab: int, args: Args, meter) -> None:
+    """One GRPO rollout batch: group advantages, old log-probs (off-policy mini-batches only) and the reference's
+    (when β > 0), clipped updates."""
     correct_PG = correct_B.view(-1, args.group_size)
     adv_B = common.group_advantages(correct_PG, args.adv_scale).view(-1).to(batch.ids_BT.device)
     updates = runtime.minibatches(batch, args.micro_batch_size, args.num_minibatches)
     old_logp_BT = common.score_logprobs(model, batch, vocab, args.temperature, args.micro_batch_size,
                                         args.logprob_chunk) if len(updates) > 1 else None
+    ref_logp_BT = None
+    if ref is not None:
+        with meter.time("ref"):
+            ref_logp_BT = common.score_logprobs(ref, batch, vocab, args.temperature, args.micro_batch_size,
+                                                args.logprob_chunk)
     for update in updates:
         for rows, mb, norm in runtime.accumulate(model, update, args.max_new_tokens):
             logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
             old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
-            loss, low_BT, high_BT = grpo_loss(logp_BT, old_BT, adv_B[rows], mb.mask_BT, norm, args)
+            ref_BT = None if ref_logp_BT is None else ref_logp_BT[rows, :mb.T]
+            loss, loss_pg, kl_BT, low_BT, high_BT = grpo_loss(logp_BT, old_BT, ref_BT, adv_B[rows], mb.mask_BT, norm,
+                                                              args)
             loss.backward()
             with torch.no_grad():
                 m, diff_BT = mb.mask_BT, (old_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT
-                meter.add({"loss/pg": loss}, divide_by=len(updates))
+                meter.add({"loss/pg": loss_pg}, divide_by=len(updates))
                 meter.tokens({"policy/entropy": ent_BT * m, "policy/clip_low": low_BT * m,
                               "policy/clip_high": high_BT * m, "sampling/logp_diff_mean": diff_BT})
                 meter.max({"sampling/logp_diff_max/max": diff_BT})
+                if kl_BT is not None:
+                    meter.tokens({"kl/ref": kl_BT * m})
         runtime.optimizer_step(model, opt, args.max_grad_norm, meter)
     meter.set({"reward/frac_zero_std": (correct_PG.std(1) == 0).float().mean()})
 
@@ -277,7 +313,7 @@ def distill_update(stage: str, student, teacher, opt, batch, engine_logp_BT, voc
     for rows, mb, norm in runtime.accumulate(student, update, args.max_new_tokens):
         h_NH, targets_N = common.response_hidden(student, mb), common.response_targets(mb)
         h_t_NH = None
-        if not (stage == "2a" and args.fkl_loss == "nll"):  # plain SFT needs no teacher forward
+        if not (stage == "2a" and args.fkl_loss == "sft"):  # hard-label SFT needs no teacher forward
             with meter.time("teacher"), torch.no_grad():
                 h_t_NH = common.response_hidden(teacher, mb)
         head, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
@@ -289,22 +325,18 @@ def distill_update(stage: str, student, teacher, opt, batch, engine_logp_BT, voc
         with torch.no_grad():
             meter.add({"loss/fkl" if stage == "2a" else "loss/opd": loss})
             kl = loss_N.sum().double()
-            if stage == "2a" and args.fkl_loss == "nll":  # sampled estimate: the engine's teacher log-probs
+            if stage == "2a" and args.fkl_loss == "sft":  # sampled estimate: the engine's teacher log-probs
                 kl = (engine_logp_BT[rows, :mb.T] * mb.mask_BT).sum().double() + kl
             meter.tokens({key: kl})
     runtime.optimizer_step(student, opt, args.max_grad_norm, meter)
 
 
-def stage_done(out: Path, stage: str) -> Path:
-    return out / f"stage_{stage}.json"
-
-
 def mark_done(out: Path, stage: str, summary: dict, d) -> None:
     """Write stage_<s>.json atomically, after the stage's model is saved: --resume reads it as a finished stage."""
     if d.main:
-        tmp = stage_done(out, stage).with_suffix(".tmp")
+        tmp = out / f"stage_{stage}.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, stage_done(out, stage))
+        os.replace(tmp, out / f"stage_{stage}.json")
     runtime.barrier()
 
 
@@ -312,11 +344,9 @@ def resume_point(args: Args, out: Path, stages: list[str]):
     """(number of stages already complete, checkpoint inside the next stage or None) of the run to resume."""
     p = Path(args.resume)
     if (p / "trainer_state.pt").exists():  # an explicit checkpoint: continue from there, redoing later stages
-        ckpt = p
-        done = stages.index(torch.load(p / "trainer_state.pt", weights_only=True)["stage"])
-        return done, ckpt
+        return stages.index(torch.load(p / "trainer_state.pt", weights_only=True)["stage"]), p
     done = 0
-    while done < len(stages) and stage_done(out, stages[done]).exists():
+    while done < len(stages) and (out / f"stage_{stages[done]}.json").exists():
         done += 1
     try:
         ckpt = runtime.find_checkpoint(args.resume)
@@ -331,34 +361,68 @@ def resume_point(args: Args, out: Path, stages: list[str]):
     return done, ckpt
 
 
-def check_args(args: Args) -> tuple[list[str], dict[str, int]]:
-    """The requested stages and their step counts, or a clear error for a combination that cannot run."""
-    stages = parse_stages(args.stages)
-    steps = {"1": args.steps_1, "2a": args.steps_2a, "2b": args.steps_2b, "3": args.steps_3}
-    if any(steps[s] < 1 for s in stages):
-        raise ValueError("every stage in --stages needs --steps-<s> >= 1; leave a stage out to skip it")
-    world = cli.world_size()
+def stage_shape(stage: str, args: Args) -> tuple[int, int, float, int]:
+    """(prompts per step, rollouts per prompt, passes over the data when --steps-<s> is 0, prompt tokens) of a stage:
+    Table 9's for GRPO stages, Table 10's for the distillation ones."""
+    if stage in GRPO_STAGES:
+        return args.prompts_per_step, args.group_size, args.grpo_epochs, args.max_prompt_tokens
+    return args.distill_prompts_per_step, args.distill_group_size, args.distill_epochs, args.distill_max_prompt_tokens
+
+
+def check_args(args: Args) -> list[str]:
+    """The requested stages, or a clear error for a combination that cannot run."""
+    stages, world = parse_stages(args.stages), cli.world_size()
     for s in stages:
-        name, n = ("--prompts-per-step", args.prompts_per_step) if s in GRPO_STAGES else \
-            ("--distill-prompts-per-step", args.distill_prompts_per_step)
+        n, _, epochs, _ = stage_shape(s, args)
+        kind = "" if s in GRPO_STAGES else "distill-"
+        if getattr(args, f"steps_{s}") == 0 and not epochs > 0:
+            raise ValueError(f"stage {s} has no length: give --steps-{s} N, or --{kind or 'grpo-'}epochs E > 0 passes "
+                             f"over its data; leave a stage out of --stages to skip it")
         if n % world:
-            raise ValueError(f"{name} {n} does not divide by the world size {world} (WORLD_SIZE): use a multiple of "
-                             f"{world}, e.g. {name} {max(world, n - n % world)}, or launch {world} ranks that divide it")
+            raise ValueError(f"--{kind}prompts-per-step {n} does not divide by the world size {world} (WORLD_SIZE): "
+                             f"use a multiple of {world}, e.g. --{kind}prompts-per-step {max(world, n - n % world)}, "
+                             f"or launch {world} ranks that divide it")
+    if args.kl_coef < 0:
+        raise ValueError(f"--kl-coef {args.kl_coef}: must be at least 0 (0 = no KL term, no reference model)")
+    if args.distill_max_prompt_tokens > args.max_prompt_tokens:
+        raise ValueError(f"--distill-max-prompt-tokens {args.distill_max_prompt_tokens} exceeds --max-prompt-tokens "
+                         f"{args.max_prompt_tokens}, which sizes the rollout engines: raise the latter")
     if args.rollout == "vllm" and len({GENERATES[s] for s in stages}) > 1:
         raise ValueError(f"--rollout vllm holds one model per process, but --stages {args.stages} samples from both "
                          f"the teacher (1, 2a) and the student (2b, 3). Run --stages 1,2a first, then --stages 2b,3 "
                          f"with --teacher RUN/stage_1 --model RUN/stage_2a, or use --rollout hf")
-    return stages, steps
+    return stages
 
 
-def stage_data(args: Args) -> dict[str, list[dict]]:
-    """Each stage's problems: the labelled upstream split for 1, 2a and 2b; for 3 the held-out split (the paper),
-    the upstream one again (replay control) or all of it."""
+def stage_data(args: Args) -> dict[str, tuple[str, list[dict]]]:
+    """Each stage's (data name, problems): --upstream-data for 1, 2a, 2b and --stage3-data for 3, each naming a
+    half of the labelled set (1H, 2H) or all of it."""
     rows = common.load_problems(args.train_data, args.train_split, args.problem_key, args.answer_key, seed=args.seed)
     rows = [{**r, "problem": common.strip_dapo_wrapper(r["problem"])} for r in rows]
-    upstream, heldout = split_labels(rows, args.heldout_frac, args.split_seed)
-    return {"1": upstream, "2a": upstream, "2b": upstream,
-            "3": {"heldout": heldout, "replay": upstream, "all": rows}[args.stage3_data]}
+    first, second = split_halves(rows, args.split_seed)
+    pools = {"1H": first, "2H": second, "full": rows}
+    return {s: (name, pools[name]) for s, name in (("1", args.upstream_data), ("2a", args.upstream_data),
+                                                   ("2b", args.upstream_data), ("3", args.stage3_data))}
+
+
+def stage_lengths(args: Args, stages: list[str], data: dict) -> dict[str, int]:
+    """Optimizer steps per stage: --steps-<s>, or where that is 0, --grpo-epochs / --distill-epochs passes over the
+    stage's problems at its prompts per step (Tables 9, 10: 10 and 1; each step is one optimizer step)."""
+    steps = {}
+    for s in stages:
+        per_step, _, epochs, _ = stage_shape(s, args)
+        steps[s] = getattr(args, f"steps_{s}") or max(1, round(epochs * len(data[s][1]) / per_step))
+    return steps
+
+
+def stage_models(stage: str, paths: dict[str, str], d, vocab: int, args: Args):
+    """The model the stage trains and its frozen partner: the teacher in 2a and 2b (their target, and 2a's sampler),
+    in GRPO stages a copy of the stage's initial policy as the KL reference, loaded only when β > 0. The frozen one
+    takes no gradients and has no optimizer state."""
+    role = TRAINS[stage]
+    model = runtime.load_model(paths[role], d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
+    frozen = paths["teacher"] if stage in ("2a", "2b") else paths[role] if args.kl_coef > 0 else None
+    return model, None if frozen is None else runtime.load_model(frozen, d, trainable=False, vocab=vocab)
 
 
 def stage_roles(stages: list[str]) -> set[str]:
@@ -367,8 +431,7 @@ def stage_roles(stages: list[str]) -> set[str]:
 
 
 def stage_sources(args: Args, stages: list[str], out: Path) -> dict[str, dict[str, str]]:
-    """Where each stage's models start: the flags' models, or the output of the last earlier stage that trained
-    that role."""
+    """Where each stage's models start: the flags' models, or the last earlier stage's output for that role."""
     sources, src = {"teacher": args.teacher, "student": args.model}, {}
     for s in stages:
         src[s] = dict(sources)
@@ -377,21 +440,18 @@ def stage_sources(args: Args, stages: list[str], out: Path) -> dict[str, dict[st
 
 
 def model_fields(args: Args) -> list[str]:
-    """The model flags this run loads: --teacher where a stage trains or samples from it, --model where one trains
-    the student."""
+    """The model flags this run loads: --teacher where a stage trains or samples it, --model where one trains it."""
     roles = stage_roles(parse_stages(args.stages))
     return [f for r, f in (("teacher", "teacher"), ("student", "model")) if r in roles]
 
 
 def main(args: Args) -> None:
-    stages, steps = check_args(args)
+    stages = check_args(args)
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir is not None and (resume_dir / "trainer_state.pt").exists():
         resume_dir = resume_dir.parent.parent
     d, out, _ = runtime.start(args, __file__, run_dir=args.output_dir or (str(resume_dir) if resume_dir else ""))
     done, ckpt = resume_point(args, out, stages) if args.resume else (0, None)
-    offset = {s: sum(steps[x] for x in stages[:i]) for i, s in enumerate(stages)}
-    total = sum(steps[s] for s in stages)
 
     # --- models and data: each stage reads the previous output of the role it needs ----------------------
     src, roles = stage_sources(args, stages, out), stage_roles(stages)  # src: stage -> {role: where it starts}
@@ -405,7 +465,10 @@ def main(args: Args) -> None:
     tok.apply_chat_template = functools.partial(tok.apply_chat_template, enable_thinking=args.enable_thinking)
     vocab = len(tok)  # logits are sliced to the shared tokenizer: Qwen pads vocab_size differently per size
     grader = verifiers.Grader(args.grader_workers, args.grader_timeout, args.answer_format)
-    data = stage_data(args)
+    data = stage_data(args)  # stage -> (1H | 2H | full, problems)
+    steps = stage_lengths(args, stages, data)
+    offset = {s: sum(steps[x] for x in stages[:i]) for i, s in enumerate(stages)}
+    total = sum(steps[s] for s in stages)
     benches = common.load_benchmarks(args.eval_data, args.eval_data_dir, args.eval_limit)
     train_sampling = engines.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     eval_sampling = engines.Sampling(args.eval_max_new_tokens, args.eval_temperature, args.eval_top_p, args.eval_top_k)
@@ -436,33 +499,28 @@ def main(args: Args) -> None:
 
     if start == 0 and args.eval_every:  # the starting points, once: later stages start where earlier ones ended
         for role in sorted({TRAINS[s] for s in stages}, reverse=True):
-            m = runtime.load_model(paths[role], d, trainable=False, vocab=vocab)
-            run_eval(m, role, 0)
-            del m
+            run_eval(runtime.load_model(paths[role], d, trainable=False, vocab=vocab), role, 0)
 
     for si, stage in enumerate(stages):
         if si < done:
             continue
         role, gen_role, n_steps = TRAINS[stage], GENERATES[stage], steps[stage]
         runtime.seed_everything(args.seed)
-        model_path = {r: runtime.resolve(p, d) for r, p in src[stage].items()}
-        model = runtime.load_model(model_path[role], d, trainable=True, vocab=vocab, grad_ckpt=args.grad_checkpointing)
-        teacher = runtime.load_model(model_path["teacher"], d, trainable=False, vocab=vocab) if role == "student" \
-            and stage in ("2a", "2b") else None
+        model, frozen = stage_models(stage, {r: runtime.resolve(p, d) for r, p in src[stage].items()}, d, vocab, args)
         lr = args.teacher_lr if role == "teacher" else args.lr
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay, fused=True)
-        grpo = stage in GRPO_STAGES
-        per_step, G = (args.prompts_per_step, args.group_size) if grpo else \
-            (args.distill_prompts_per_step, args.distill_group_size)
-        stream = common.PromptStream(data[stage], per_step, d.rank, d.world, args.seed * 1000 + STAGES.index(stage))
+        per_step, G, _, max_prompt = stage_shape(stage, args)
+        data_name, problems = data[stage]
+        stream = common.PromptStream(problems, per_step, d.rank, d.world, args.seed * 1000 + STAGES.index(stage))
         first = 0
         if ckpt is not None and si == done:
             state = runtime.load_checkpoint(ckpt, {role: model}, {role: opt}, d)
             stream.load_state_dict(state["data"])
             first = state["stage_step"]
-        gen_model, gen_engine = model if gen_role == role else teacher, engine(gen_role)
+        gen_model, gen_engine = model if gen_role == role else frozen, engine(gen_role)
         log.print(f"[stage {stage}] trains the {role} from {src[stage][role]}; rollouts from the {gen_role}; "
-                  f"{len(data[stage])} problems, {per_step} x {G} per step, steps {first}->{n_steps}")
+                  f"{data_name}: {len(problems)} problems, {per_step} x {G} per step, steps {first}->{n_steps}"
+                  + (f"; {args.fkl_loss} loss" if stage == "2a" else ""))
 
         for step in range(first, n_steps):
             meter = runtime.Meter()
@@ -474,7 +532,7 @@ def main(args: Args) -> None:
 
             # --- rollout: from the model that generates in this stage
             with meter.time("rollout"):
-                ro = engines.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, args.max_prompt_tokens,
+                ro = engines.rollout(gen_engine, tok, stream.next(), G, args.prompt_template, max_prompt,
                                      train_sampling, runtime.rollout_seed(args.seed, step, d.rank,
                                                                           salt=STAGES.index(stage) + 1))
                 gen_engine.sleep()  # free the GPU for the update (vLLM); the next weight push wakes it
@@ -487,19 +545,19 @@ def main(args: Args) -> None:
             batch = ro.batch(tok.pad_token_id, d.device)
             engine_logp_BT = ro.engine_logprobs(batch.T, d.device)
             with meter.time("update"):
-                if grpo:
-                    grpo_update(model, opt, batch, correct_B, engine_logp_BT, vocab, args, meter)
+                if stage in GRPO_STAGES:
+                    grpo_update(model, frozen, opt, batch, correct_B, engine_logp_BT, vocab, args, meter)
                 else:
-                    distill_update(stage, model, teacher, opt, batch, engine_logp_BT, vocab, args, meter)
+                    distill_update(stage, model, frozen, opt, batch, engine_logp_BT, vocab, args, meter)
 
             # --- log
             meter.set({"reward/mean": correct_B.mean(), "lr": lr_now, "reward/grader_failures": grader.take_failures()})
             metrics = meter.read(batch.mask_BT.sum()) | ro.stats()
-            metrics["timing_s/update"] -= metrics.get("timing_s/teacher", 0.0)
+            metrics["timing_s/update"] -= metrics.get("timing_s/teacher", 0.0) + metrics.get("timing_s/ref", 0.0)
             metrics["perf/tokens_per_s"] = ro.num_tokens / metrics["timing_s/step"]
             gstep = offset[stage] + step + 1
             log.metrics(gstep, {"stage": stage, "stage_step": step + 1, **runtime.all_reduce_mean(metrics, d)},
-                        show=("reward/mean", "kl/forward", "kl/reverse"))
+                        show=("reward/mean", "kl/forward", "kl/reverse", "kl/ref"))
             log.samples(gstep, [{"stage": stage, **r} for r in ro.samples(correct_B.tolist(), args.log_samples)])
 
             # --- eval, then checkpoint (so that a checkpoint implies its step's eval is logged)
@@ -514,12 +572,14 @@ def main(args: Args) -> None:
         res = run_eval(model, role, offset[stage] + n_steps)
         runtime.save_hf(model, toks[role], out / f"stage_{stage}", d)
         mark_done(out, stage, {"stage": stage, "trained": role, "init": src[stage][role], "rollouts_from": gen_role,
-                               "problems": len(data[stage]),
-                               "teacher": src[stage]["teacher"] if teacher is not None else None,
+                               "data": data_name, "problems": len(problems),
+                               "loss": args.fkl_loss if stage == "2a" else args.opd_loss if stage == "2b" else None,
+                               "teacher": src[stage]["teacher"] if stage in ("2a", "2b") else None,
+                               "reference": src[stage][role] if frozen is not None and stage in GRPO_STAGES else None,
                                "steps": [offset[stage], offset[stage] + n_steps],
                                "output": str(out / f"stage_{stage}"), "eval": res}, d)
         ckpt = None
-        del model, teacher, opt
+        del model, frozen, opt
         gc.collect()
         if d.device.type == "cuda":
             torch.cuda.empty_cache()

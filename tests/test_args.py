@@ -33,7 +33,7 @@ def _refused(script: str, out, *argv: str, env: dict | None = None) -> str:
      "--prompts-per-step 16 does not divide by the world size 3 (WORLD_SIZE): use a multiple of 3, e.g. "
      "--prompts-per-step 15"),
     ("sparse_to_dense", ("--stages", "2a,2b"), dict(WORLD_SIZE="3", RANK="0", LOCAL_RANK="0"),
-     "--distill-prompts-per-step 32 does not divide by the world size 3"),
+     "--distill-prompts-per-step 4 does not divide by the world size 3"),
     ("kdrl", ("--group-sise", "4"), None, "unknown flag --group-sise; did you mean --group-size?"),
     ("s2l_po", ("--alpha_strat=0.5",), None, "unknown flag --alpha_strat; did you mean --alpha-start?"),
     ("kdrl", ("--teacher", "nobody/not-a-cached-model"), dict(HF_HUB_OFFLINE="1"),
