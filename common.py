@@ -234,17 +234,20 @@ class _TokenLogprobs(torch.autograd.Function):
     """log π(y_n | s_n) = z_n[y_n] − logsumexp(z_n), z_n = (W h_n + b)[:vocab] / T, and the entropy of π(· | s_n), one
     chunk of tokens at a time. Forward keeps only logsumexp per token; backward recomputes a chunk's logits and
     overwrites them with their gradient g_n (1[v = y_n] − π(v | s_n)) / T, so that one float32 [chunk, V] tensor
-    lives at a time. The entropy is for metrics: no gradient flows through it."""
+    lives at a time. The entropy is for metrics: no gradient flows through it, and without `entropy` (a teacher's or
+    reference's scores) its three passes over each [chunk, V] tensor are skipped and it is empty."""
 
     @staticmethod
-    def forward(ctx, h_NH, weight, bias, targets_N, vocab: int, temperature: float, chunk: int):
-        logp_N, ent_N, lse_N = (h_NH.new_empty(h_NH.shape[0], dtype=torch.float32) for _ in range(3))
+    def forward(ctx, h_NH, weight, bias, targets_N, vocab: int, temperature: float, chunk: int, entropy: bool):
+        logp_N, ent_N, lse_N = (h_NH.new_empty(h_NH.shape[0] if k else 0, dtype=torch.float32)
+                                for k in (True, entropy, True))
         for i in range(0, h_NH.shape[0], chunk):
             z_nV = _logits(h_NH[i:i + chunk], weight, bias, vocab, temperature)
             lse_n = z_nV.logsumexp(-1)
             logp_N[i:i + chunk] = z_nV.gather(1, targets_N[i:i + chunk, None]).squeeze(1) - lse_n
-            logp_nV = z_nV.sub_(lse_n[:, None])
-            ent_N[i:i + chunk] = -logp_nV.exp().mul_(logp_nV).sum(-1)
+            if entropy:
+                logp_nV = z_nV.sub_(lse_n[:, None])
+                ent_N[i:i + chunk] = -logp_nV.exp().mul_(logp_nV).sum(-1)
             lse_N[i:i + chunk] = lse_n
         ctx.save_for_backward(h_NH, weight, bias, targets_N, lse_N)
         ctx.vocab, ctx.temperature, ctx.chunk = vocab, temperature, chunk
@@ -261,13 +264,15 @@ class _TokenLogprobs(torch.autograd.Function):
             gz_nV = z_nV.sub_(lse_N[i:i + ctx.chunk, None]).exp_().mul_(-g_n)       # −g π
             gz_nV.scatter_add_(1, targets_N[i:i + ctx.chunk, None], g_n)             # + g 1[v = y]
             grads.add(i, gz_nV if ctx.temperature == 1.0 else gz_nV.div_(ctx.temperature), h_nH)
-        return *grads.result(), None, None, None, None
+        return *grads.result(), None, None, None, None, None
 
 
-def logprobs_from_hidden(h_NH, head, targets_N, vocab: int, temperature: float = 1.0, chunk: int = 1024):
-    """log pi(y_n | s_n) [N] of the given tokens, and the entropy of pi(. | s_n) [N] (detached, for metrics)."""
-    logp_N, ent_N = _TokenLogprobs.apply(h_NH, head.weight, head.bias, targets_N, vocab, temperature, chunk)
-    return logp_N, ent_N.detach()
+def logprobs_from_hidden(h_NH, head, targets_N, vocab: int, temperature: float = 1.0, chunk: int = 1024,
+                         entropy: bool = True):
+    """log pi(y_n | s_n) [N] of the given tokens, and the entropy of pi(. | s_n) [N] (detached, for metrics; None
+    without `entropy`)."""
+    logp_N, ent_N = _TokenLogprobs.apply(h_NH, head.weight, head.bias, targets_N, vocab, temperature, chunk, entropy)
+    return logp_N, ent_N.detach() if entropy else None
 
 
 class _FullKL(torch.autograd.Function):
@@ -320,12 +325,14 @@ def kl_from_hidden(h_NH, head, h_ref_NH, head_ref, vocab: int, direction: str, c
                          direction == "reverse", chunk)
 
 
-def token_logprobs(model, batch: Batch, vocab: int, temperature: float = 1.0, chunk: int = 1024):
-    """[B, T] log-probs of the response tokens under `model` (zeros off the response) and [B, T] entropies."""
+def token_logprobs(model, batch: Batch, vocab: int, temperature: float = 1.0, chunk: int = 1024,
+                   entropy: bool = True):
+    """[B, T] log-probs of the response tokens under `model` (zeros off the response) and [B, T] entropies (None
+    without `entropy`)."""
     h_NH = response_hidden(model, batch)
     logp_N, ent_N = logprobs_from_hidden(h_NH, model.get_output_embeddings(), response_targets(batch), vocab,
-                                         temperature, chunk)
-    return to_grid(logp_N, batch), to_grid(ent_N, batch)
+                                         temperature, chunk, entropy)
+    return to_grid(logp_N, batch), None if ent_N is None else to_grid(ent_N, batch)
 
 
 @torch.no_grad()
@@ -335,7 +342,7 @@ def score_logprobs(model, batch: Batch, vocab: int, temperature: float, micro_ba
     time: the pre-update π_old of a multi-minibatch update, or a frozen / partner model's scores."""
     out_BT = torch.zeros_like(batch.mask_BT)
     for rows, mb in batch.micro_batches(micro_batch_size):
-        out_BT[rows, :mb.T] = token_logprobs(model, mb, vocab, temperature, chunk)[0]
+        out_BT[rows, :mb.T] = token_logprobs(model, mb, vocab, temperature, chunk, entropy=False)[0]
     return out_BT
 
 

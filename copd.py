@@ -186,10 +186,8 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------------------------
 def phase_at(step: int, args: Args) -> str:
     """Algorithm 1: cycles of S_RL Phase-I steps ("rl") then S_OPD Phase-II steps ("opd"); the baselines' stages."""
-    if args.mode in ("experts", "mixed"):
-        return "rl"
-    if args.mode in ("static_opd", "mopd"):
-        return "rl" if step < args.total_steps else "static"
+    if args.mode in ("experts", "mixed", "static_opd", "mopd"):
+        return "rl" if args.mode in ("experts", "mixed") or step < args.total_steps else "static"
     return "rl" if step % (args.s_rl + args.s_opd) < args.s_rl else "opd"
 
 

@@ -270,19 +270,20 @@ def main(args: Args) -> None:
         with meter.time("update"):
             for update in updates:
                 for rows, mb, norm in runtime.accumulate(student, update, args.max_new_tokens):
-                    h_NH = common.response_hidden(student, mb)
-                    logp_N, ent_N = common.logprobs_from_hidden(h_NH, student.get_output_embeddings(),
-                                                                common.response_targets(mb), vocab,
-                                                                args.temperature, args.logprob_chunk)
-                    t_logp_N = logp_N.detach()  # no teacher: δ = 0, the KD term vanishes (plain GRPO)
-                    if teacher is not None:
+                    t_logp_N = None  # no teacher: δ = 0, the KD term vanishes (plain GRPO)
+                    if teacher is not None:  # before the student's forward: its transients never meet the graph's
                         with meter.time("teacher"), torch.no_grad():
                             h_t_NH = common.response_hidden(teacher, mb)
                             t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, teacher.get_output_embeddings(),
                                                                       common.response_targets(mb), vocab,
-                                                                      args.temperature, args.logprob_chunk)
+                                                                      args.temperature, args.logprob_chunk, False)
                         if args.kd_estimator != "full":  # the full KL reads the teacher's head again in backward
                             runtime.release(teacher)  # FSDP2 keeps a root gathered until a backward, which never comes
+                    h_NH = common.response_hidden(student, mb)
+                    logp_N, ent_N = common.logprobs_from_hidden(h_NH, student.get_output_embeddings(),
+                                                                common.response_targets(mb), vocab,
+                                                                args.temperature, args.logprob_chunk)
+                    t_logp_N = logp_N.detach() if t_logp_N is None else t_logp_N
                     full_kl_BT = None
                     if args.kd_estimator == "full":  # exact Σ_v over the shared vocabulary, at each position
                         full_kl_BT = torch.zeros_like(mb.mask_BT) if teacher is None else common.to_grid(

@@ -415,7 +415,7 @@ def main(args: Args) -> None:
                             h_r_NH = common.response_hidden(ref, mb)
                             r_logp_N, _ = common.logprobs_from_hidden(h_r_NH, ref.get_output_embeddings(),
                                                                       common.response_targets(mb), vocab,
-                                                                      args.temperature, args.logprob_chunk)
+                                                                      args.temperature, args.logprob_chunk, False)
                         runtime.release(ref)  # FSDP2 keeps a root gathered until a backward, which never comes
                     logp_BT, ref_logp_BT = common.to_grid(logp_N, mb), common.to_grid(r_logp_N, mb)
                     old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]

@@ -237,7 +237,7 @@ def fkl_token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab: int, args: Args
     −log π_θ(y_t|s_t) (`sft`: hard labels, the sampled-token estimator of the same gradient)."""
     if args.fkl_loss == "full":
         return common.kl_from_hidden(h_NH, head, h_t_NH, head_t, vocab, "forward", args.logprob_chunk)
-    return -common.logprobs_from_hidden(h_NH, head, targets_N, vocab, 1.0, args.logprob_chunk)[0]
+    return -common.logprobs_from_hidden(h_NH, head, targets_N, vocab, 1.0, args.logprob_chunk, False)[0]
 
 
 def opd_token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab: int, args: Args) -> torch.Tensor:
@@ -246,9 +246,9 @@ def opd_token_loss(h_NH, head, h_t_NH, head_t, targets_N, vocab: int, args: Args
     token's reverse-KL estimate (exact / single-sample k1), and both gradients agree in expectation over y_t."""
     if args.opd_loss == "full":
         return common.kl_from_hidden(h_NH, head, h_t_NH, head_t, vocab, "reverse", args.logprob_chunk)
-    logp_N, _ = common.logprobs_from_hidden(h_NH, head, targets_N, vocab, 1.0, args.logprob_chunk)
+    logp_N, _ = common.logprobs_from_hidden(h_NH, head, targets_N, vocab, 1.0, args.logprob_chunk, False)
     with torch.no_grad():
-        t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, head_t, targets_N, vocab, 1.0, args.logprob_chunk)
+        t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, head_t, targets_N, vocab, 1.0, args.logprob_chunk, False)
     adv_N = (t_logp_N - logp_N).detach()
     return -adv_N * torch.exp(logp_N - logp_N.detach())  # ratio 1 on-policy; its value is −A_t = k1
 

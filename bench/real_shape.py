@@ -159,19 +159,19 @@ def run_ours(a, path: Path) -> dict:
         for update in runtime.minibatches(batch, a.micro_batch, 1):
             for rows_, mb, norm in runtime.accumulate(student, update, a.response):
                 targets_N = common.response_targets(mb)
-                acts = {}
-                with ph("student forward"), saved_activations(acts) if not costs else nullcontext():
+                with ph("teacher forward + head"), torch.no_grad():  # first, as kdrl.py does
+                    h_t_NH = common.response_hidden(teacher, mb)
+                    t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, t_head, targets_N, TOKENIZER_VOCAB, 1.0,
+                                                              a.chunk, False)
+                    costs.setdefault("teacher_gathered_after_scoring_bytes", gathered_bytes(teacher))
+                    runtime.release(teacher)  # as kdrl.py does for its k2 estimator
+                acts, first = {}, "activation_bytes_per_token" not in costs  # measured on the first micro-batch
+                with ph("student forward"), saved_activations(acts) if first else nullcontext():
                     h_NH = common.response_hidden(student, mb)
                 costs.setdefault("activation_bytes_per_token", acts.get("bytes", 0) / mb.ids_BT.numel())
                 costs.setdefault("student_gathered_after_forward_bytes", gathered_bytes(student))
                 with ph("student head + log-softmax"):
                     logp_N, _ = common.logprobs_from_hidden(h_NH, head, targets_N, TOKENIZER_VOCAB, 1.0, a.chunk)
-                with ph("teacher forward + head"), torch.no_grad():
-                    h_t_NH = common.response_hidden(teacher, mb)
-                    t_logp_N, _ = common.logprobs_from_hidden(h_t_NH, t_head, targets_N, TOKENIZER_VOCAB, 1.0,
-                                                              a.chunk)
-                    costs.setdefault("teacher_gathered_after_scoring_bytes", gathered_bytes(teacher))
-                    runtime.release(teacher)  # as kdrl.py does for its k2 estimator
                 with ph("loss"):
                     logp_BT = common.to_grid(logp_N, mb)
                     loss = kdrl.kdrl_loss(logp_BT, logp_BT.detach(), common.to_grid(t_logp_N, mb), adv_B[rows_],
@@ -241,7 +241,8 @@ def run_trl(a, path: Path) -> dict:
 def run_fsdp2(a, path: Path) -> dict:
     """Under torchrun, per rank: what a frozen FSDP2 model holds gathered after a no_grad score and after
     runtime.release; and the resident growth after each of two micro-batches' backward of a trained model, with the
-    gradient reduce-scatter deferred to the last micro-batch (`runtime.accumulate`) and done after every one."""
+    gradient reduce-scatter deferred to the last micro-batch (FSDP's no_sync) and done after every one
+    (`runtime.accumulate`)."""
     import common
     import runtime
 
@@ -257,11 +258,10 @@ def run_fsdp2(a, path: Path) -> dict:
     r0 = rss()
     runtime.release(teacher)
     out |= {"gathered_after_release_bytes": gathered_bytes(teacher), "rss_release_gib": (rss() - r0) / GIB}
-    for mode in ("deferred", "every"):
+    for mode in ("deferred", "every"):  # FSDP's no_sync until the last micro-batch, or runtime.accumulate's way
         r0, growth = rss(), []
-        for _, mb, _ in runtime.accumulate(student, mbs, 64):
-            if mode == "every":
-                student.set_requires_gradient_sync(True)
+        for i, (_, mb, _) in enumerate(runtime.accumulate(student, mbs, 64)):
+            student.set_requires_gradient_sync(mode == "every" or i == len(mbs) - 1)
             common.token_logprobs(student, mb, TOKENIZER_VOCAB, 1.0, a.chunk)[0].sum().backward()
             growth.append((rss() - r0) / GIB)
         out[f"grad_sync_{mode}_rss_gib"] = growth
@@ -329,8 +329,8 @@ def table(res: dict, a) -> str:
                   f"model holds {g(r['gathered_before_bytes'])} gathered after loading, "
                   f"{g(r['gathered_after_scoring_bytes'])} after a no_grad score (RSS {r['rss_scoring_gib']:+.2f} GiB), "
                   f"{g(r['gathered_after_release_bytes'])} after runtime.release (RSS {r['rss_release_gib']:+.2f} GiB); "
-                  f"a trained model's RSS growth after the backward of micro-batch 1, 2: reduce-scatter on the last only "
-                  f"{', '.join(f'{x:+.2f}' for x in r['grad_sync_deferred_rss_gib'])} GiB, after every one "
+                  f"a trained model's RSS growth after the backward of micro-batch 1, 2: reduce-scatter on the last only (no_sync) "
+                  f"{', '.join(f'{x:+.2f}' for x in r['grad_sync_deferred_rss_gib'])} GiB, after every one (runtime.accumulate) "
                   f"{', '.join(f'{x:+.2f}' for x in r['grad_sync_every_rss_gib'])} GiB", ""]
     for kind in ("hf", "vllm"):
         if f"push-{kind}" in res:

@@ -154,6 +154,13 @@ def test_chunked_logprobs_equal_full_log_softmax(chunk, bias, temperature):
         logp_ng, _ = common.logprobs_from_hidden(h, head, y, vocab=10, temperature=temperature, chunk=chunk)
     torch.testing.assert_close(logp_ng, logp.detach())
     assert not logp_ng.requires_grad
+    # without the entropy (a teacher's or reference's scores): the same log-probs and gradients, no entropy
+    logp_ne, ent_ne = common.logprobs_from_hidden(h, head, y, vocab=10, temperature=temperature, chunk=chunk,
+                                                  entropy=False)
+    assert ent_ne is None
+    torch.testing.assert_close(logp_ne, logp)
+    for a, b in zip(torch.autograd.grad((logp_ne * g).sum(), params), g2):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
