@@ -225,6 +225,23 @@ def test_baselines_by_flags(tmp_path, warm):
     assert {e["step"] for e in read_jsonl(tmp_path / "c" / "eval.jsonl") if e.get("tag") == "large"} == {2}
 
 
+def test_token_kd_with_a_frozen_large_model_is_kdrl(tmp_path, warm):
+    """--kd-level token with a frozen large model and no clamp puts λ·(log π_L − log π_S) into each token's
+    advantage: at ratio 1 the gradient of KDRL's β·k2 with a constant β = λ. The two scripts take the same steps
+    (same rollouts, gradient norms, KL) and end at the same held-out accuracy."""
+    run_script("codistill_grpo.py", *QUICK, "--kd-level", "token", "--kd-coef", "0.5", "--kd-clip", "1e4",
+               "--train-large", "false", "--eval-large", "false", "--output-dir", str(tmp_path / "cd"))
+    run_script("kdrl.py", *QUICK, "--kd-schedule", "constant", "--kd-coef", "0.5", "--output-dir", str(tmp_path / "kd"))
+    cd_rows, kd_rows = read_jsonl(tmp_path / "cd" / "metrics.jsonl"), read_jsonl(tmp_path / "kd" / "metrics.jsonl")
+    assert len(cd_rows) == len(kd_rows) == 2
+    for c, k in zip(cd_rows, kd_rows):
+        assert c["reward/mean"] == k["reward/mean"] and c["response/mean_length"] == k["response/mean_length"]
+        assert c["small/policy/grad_norm"] == pytest.approx(k["policy/grad_norm"], rel=1e-5)
+        assert c["kl/large"] == pytest.approx(k["kl/teacher"], rel=1e-5)
+    evals = [{r["benchmark"]: r["avg@1"] for r in read_jsonl(tmp_path / run / "eval.jsonl")} for run in ("cd", "kd")]
+    assert evals[0] == evals[1]
+
+
 def test_bad_input_errors_are_clear(tmp_path, warm):
     for kw, msg in ((dict(large_rollout_frac=0.3), "whole number of rollouts"),
                     (dict(large_rollout_frac=1.5), "whole number of rollouts"),
@@ -247,7 +264,7 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
 
 
 def test_tiny_preset_learns(tmp_path, warm):
-    """The README's tiny run: 40 CoDistill-GRPO steps on the CPU toy world. MEASURED_MARGINS"""
+    """The tiny run of docs/codistill_grpo.md: 40 CoDistill-GRPO steps on the CPU toy world. MEASURED_MARGINS"""
     out = tmp_path / "run"
     run_script("codistill_grpo.py", "--preset", "tiny", "--output-dir", str(out), "--eval-every", "40",
                "--save-every", "0", timeout=1800)
