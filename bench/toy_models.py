@@ -1,6 +1,6 @@
 """What each toy model can do: held-out accuracy per task family (4 samples x 128 problems each) and how often it
 works the answer out rather than boxing one at once, at T = 1 and greedy. Builds the warm starts first if needed.
-The README's toy-world table is this script's output at T = 1.
+The toy-world table (docs/toy-world.md) is this script's output at T = 1.
 
     python bench/toy_models.py [--n 128]
 """

@@ -394,7 +394,7 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
 
 
 def test_tiny_preset_learns(tmp_path, warm):
-    """The README's tiny run: CoPD on `add` and `lin` from `tiny:habits`, 2 branches × 40 steps. Measured over seeds
+    """The tiny run of docs/copd.md: CoPD on `add` and `lin` from `tiny:habits`, 2 branches × 40 steps. Measured over seeds
     0-2 (bench/copd_study.py, the current defaults), the merged model gained +0.21 to +0.28 on add and +0.20 to +0.25
     on lin (held-out avg@4, 512 samples per family, whose run-to-run spread is about ±0.03); the +0.12 thresholds keep
     at least twice that spread below the smallest measured gain. Mutual OPD pulled the branches back together in

@@ -1,5 +1,5 @@
 """bench/gpu_check.py, the script a GPU box runs, at toy shapes on the CPU (`--device cpu --smoke`), so that it cannot
-rot between GPU runs: every section runs and passes its own checks, and the JSON holds the figures the README quotes."""
+rot between GPU runs: every section runs and passes its own checks, and the JSON holds the figures docs/running.md names."""
 
 import json
 

@@ -271,7 +271,7 @@ def test_config_replays_a_run(tmp_path, warm):
 
 
 def test_tiny_preset_learns(tmp_path, warm):
-    """The README's tiny run: 40 KDRL steps on the CPU toy world. Measured over seeds 0-1 and both GRPO and KDRL
+    """The tiny run of docs/kdrl.md: 40 KDRL steps on the CPU toy world. Measured over seeds 0-1 and both GRPO and KDRL
     settings, held-out accuracy (mean avg@4 over the three task families, 1,536 samples) rose by 0.08-0.10 and
     the token-level teacher KL fell to 0.28-0.35 of its first-10-step mean; the +0.04 and 0.6 thresholds leave
     twice the eval's run-to-run spread (about +-0.02) between them and the measured effect."""

@@ -188,7 +188,7 @@ def test_padding_bias_within_vllms_per_request_cap(monkeypatch):
 
 
 def test_update_on_two_fsdp_ranks_equals_one_model_on_the_whole_batch(tmp_path):
-    """The README's claim that N ranks compute the update one process would with the whole batch: two gloo ranks
+    """The claim (docs/running.md) that N ranks compute the update one process would with the whole batch: two gloo ranks
     with unequal response lengths (2.5x more tokens on rank 1), FSDP2, two optimizer steps of the shared skeleton
     with a binding clip and AdamW, against one unsharded model, for all three loss aggregations."""
     run_script("tests/fsdp_update_check.py", str(tmp_path), nproc=2, timeout=300)

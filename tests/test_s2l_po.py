@@ -246,7 +246,7 @@ def test_bad_input_errors_are_clear(tmp_path, warm):
 
 
 def test_tiny_preset_learns(tmp_path, warm):
-    """The README's tiny run: 40 S2L-PO steps of tiny:base with explorer tiny:small (T_mix 20).
+    """The tiny run of docs/s2l_po.md: 40 S2L-PO steps of tiny:base with explorer tiny:small (T_mix 20).
 
     In the study (bench/study.py, seeds 0-2, the same command) the mean held-out accuracy over the three families
     rose from 0.142 to 0.530, by 0.388 ± 0.010 (smallest 0.382); the margin of 0.25 sits over ten standard
