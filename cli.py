@@ -84,11 +84,12 @@ def model_config(name: str, field: str):
     if name.startswith("tiny:"):
         return None
     from transformers import AutoConfig
+
+    import common
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ValueError(f"{flag(field)} {name!r} cannot be loaded ({why}). Give a local model folder, point HF_HOME at "
+        raise ValueError(f"{flag(field)} {name!r} cannot be loaded ({common.first_line(e)}). Give a local model folder, point HF_HOME at "
                          f"a hub cache that holds it (with HF_HUB_OFFLINE=1 on machines without network), or run the "
                          f"toy world with --preset tiny") from None
 
@@ -100,8 +101,8 @@ def check_context(args, fields) -> None:
     have = [f.name for f in dataclasses.fields(args)]
     if not any(n.endswith("max_prompt_tokens") for n in have) or not any(n.endswith("max_new_tokens") for n in have):
         return  # nothing sampled or scored (no budgets)
-    length, (prompt, p), (response, r) = engine_length(args), longest(args, "max_prompt_tokens"), \
-        longest(args, "max_new_tokens")
+    (prompt, p), (response, r) = longest(args, "max_prompt_tokens"), longest(args, "max_new_tokens")
+    length = p + r  # engine_length(args)
     for name in fields:
         value = getattr(args, name)
         if value == "none":

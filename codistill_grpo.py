@@ -234,7 +234,7 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
         raise ValueError("several optimizer steps per batch need the old log-probs computed beforehand")
     meter = runtime.Meter(clock=False)
     for update in updates:
-        for rows, mb, norm in runtime.accumulate(model, update, args.max_new_tokens):
+        for rows, mb, norm in runtime.accumulate(update, args.max_new_tokens):
             logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
             old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
             pg_BT, low_BT, high_BT = common.ppo_clip_loss(logp_BT, old_BT, adv_BT[rows, :mb.T], args.clip_low,
@@ -258,11 +258,9 @@ def ppo_update(model, opt, batch: common.Batch, adv_BT, old_logp_BT, w_BT, lr: f
 
 
 def score(model, batch: common.Batch, vocab: int, args: Args):
-    """[B, T] log-probs of the response tokens under `model` as it is now (a pre-update snapshot), no gradient. The
-    root FSDP2 gathered for it is released: a frozen large model has no backward that would."""
-    logp_BT = common.score_logprobs(model, batch, vocab, args.temperature, args.micro_batch_size, args.logprob_chunk)
-    runtime.release(model)
-    return logp_BT
+    """[B, T] log-probs of the response tokens under `model` as it is now (a pre-update snapshot), no gradient, its
+    gathered root released (a frozen large model has no backward that would)."""
+    return runtime.score(model, batch, vocab, args.temperature, args.micro_batch_size, args.logprob_chunk)
 
 
 def merge_groups(x, y, gx: int, gy: int, pad=0):

@@ -359,6 +359,11 @@ def strip_dapo_wrapper(problem: str) -> str:
     return _DAPO_TAIL.sub("", _DAPO_HEAD.sub("", problem)).strip()
 
 
+def first_line(e: Exception) -> str:
+    """The first non-empty line of an exception's message (or its type): the "why" of a one-line error."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def load_problems(source: str, split: str = "train", problem_key: str = "problem", answer_key: str = "answer",
                   limit: int = 0, seed: int = 0, instead: str = "a local .jsonl file") -> list[dict]:
     """Rows {"problem", "answer", ...} from `tiny:<families>`, a .jsonl file, or a hub dataset `org/name[:config]`.
@@ -378,8 +383,7 @@ def load_problems(source: str, split: str = "train", problem_key: str = "problem
         try:
             rows = list(datasets.load_dataset(name, config or None, split=split))
         except Exception as e:  # one line, no traceback: the dataset, why, and the ways out
-            why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise SystemExit(f"error: could not load dataset {source!r} (split {split!r}): {why}. Use {instead}, "
+            raise SystemExit(f"error: could not load dataset {source!r} (split {split!r}): {first_line(e)}. Use {instead}, "
                              f"point HF_HOME at a hub cache that holds it (HF_HUB_OFFLINE=1 without network), or run "
                              f"the toy world with --preset tiny") from None
     if not rows:

@@ -263,7 +263,7 @@ def train_branch(model, opt, parts: list[Part], beta: float, vocab: int, args: A
     for u in range(args.num_minibatches):  # optimizer step u: the u-th share of every part's micro-batches
         owners = [(p, e) for p, e, s in zip(parts, engine_BT, split) for _ in s[u]]
         update = [pair for s in split for pair in s[u]]
-        for (p, eng_BT), (rows, mb, norm) in zip(owners, runtime.accumulate(model, update, args.max_new_tokens)):
+        for (p, eng_BT), (rows, mb, norm) in zip(owners, runtime.accumulate(update, args.max_new_tokens)):
             logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
             old_BT = logp_BT.detach() if p.old_logp_BT is None else p.old_logp_BT[rows, :mb.T]
             adv_BT = p.adv_B[rows, None].expand_as(logp_BT) if p.kind == "native" else \
@@ -535,9 +535,9 @@ def main(args: Args) -> None:
         # --- teachers score the cross batches with their current weights, before any branch updates (Eq. delta)
         with meter.time("teacher"):
             for p in (p for k in students for p in parts[k] if p.kind == "cross"):
-                p.teacher_logp_BT = common.score_logprobs(branches[p.teacher], p.batch, vocab, args.temperature,
-                                                          args.micro_batch_size, args.logprob_chunk)
-                runtime.release(branches[p.teacher])  # its root stays gathered until its own backward otherwise
+                # runtime.score releases the teacher's root, which stays gathered until its own backward otherwise
+                p.teacher_logp_BT = runtime.score(branches[p.teacher], p.batch, vocab, args.temperature,
+                                                  args.micro_batch_size, args.logprob_chunk)
 
         # --- reward: verifier accuracy -> group advantages (Eq. rlvr), native parts only
         with meter.time("reward"):

@@ -269,8 +269,8 @@ def main(args: Args) -> None:
         # --- update: the teacher scores the student's tokens, the student takes the KDRL step (Eq. 8)
         with meter.time("update"):
             for update in updates:
-                for rows, mb, norm in runtime.accumulate(student, update, args.max_new_tokens):
-                    t_logp_N = None  # no teacher: δ = 0, the KD term vanishes (plain GRPO)
+                for rows, mb, norm in runtime.accumulate(update, args.max_new_tokens):
+                    t_logp_N = None
                     if teacher is not None:  # before the student's forward: its transients never meet the graph's
                         with meter.time("teacher"), torch.no_grad():
                             h_t_NH = common.response_hidden(teacher, mb)
@@ -283,7 +283,8 @@ def main(args: Args) -> None:
                     logp_N, ent_N = common.logprobs_from_hidden(h_NH, student.get_output_embeddings(),
                                                                 common.response_targets(mb), vocab,
                                                                 args.temperature, args.logprob_chunk)
-                    t_logp_N = logp_N.detach() if t_logp_N is None else t_logp_N
+                    if t_logp_N is None:  # no teacher: δ = 0, the KD term vanishes (plain GRPO)
+                        t_logp_N = logp_N.detach()
                     full_kl_BT = None
                     if args.kd_estimator == "full":  # exact Σ_v over the shared vocabulary, at each position
                         full_kl_BT = torch.zeros_like(mb.mask_BT) if teacher is None else common.to_grid(
@@ -296,7 +297,7 @@ def main(args: Args) -> None:
                                                                   kdm_B[rows], mb.mask_BT, beta, norm, args,
                                                                   full_kl_BT)
                     loss.backward()
-                    if teacher is not None:  # the full KL read the teacher's head in this backward
+                    if teacher is not None and args.kd_estimator == "full":  # it read the teacher's head again
                         runtime.release(teacher)
                     with torch.no_grad():
                         m, diff_BT = mb.mask_BT, (old_BT - engine_logp_BT[rows, :mb.T]).abs() * mb.mask_BT

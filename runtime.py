@@ -212,8 +212,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def _hub_error(path: str, e: Exception) -> SystemExit:
     """One line, no traceback: what could not be loaded, why, and the ways out (arguments are checked when parsed,
     so this is a model that became unreachable between the check and the load)."""
-    why = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-    return SystemExit(f"error: cannot load {path!r} ({why}). Give a local folder, point HF_HOME at a hub cache that "
+    return SystemExit(f"error: cannot load {path!r} ({common.first_line(e)}). Give a local folder, point HF_HOME at a hub cache that "
                       f"holds it (HF_HUB_OFFLINE=1 without network), or run the toy world with --preset tiny")
 
 
@@ -310,6 +309,15 @@ def release(model) -> None:
         model.reshard()
 
 
+def score(model, batch: common.Batch, vocab: int, temperature: float, micro_batch_size: int,
+          chunk: int = 1024) -> torch.Tensor:
+    """`common.score_logprobs` of a model that takes no backward soon (a frozen teacher, reference or partner), its
+    gathered root released afterwards (`release`)."""
+    logp_BT = common.score_logprobs(model, batch, vocab, temperature, micro_batch_size, chunk)
+    release(model)
+    return logp_BT
+
+
 def full_params(model, dtype: torch.dtype | None = None, aliases: bool = True):
     """(name, full tensor) for every parameter of an FSDP2 model, one all-gather at a time: every rank must
     iterate, in the same order; the peak is one parameter, never the whole model. With `dtype` (the rollout engine's),
@@ -366,7 +374,7 @@ def minibatches(batch: common.Batch, micro_batch_size: int, num_minibatches: int
     return [mbs[i:i + k] for i in range(0, len(mbs), k)]
 
 
-def accumulate(model, update: list, max_len: int):
+def accumulate(update: list, max_len: int):
     """(rows, micro-batch, LossNorm) for each micro-batch of one optimizer step. The loss normaliser counts the whole
     step's tokens over all ranks. FSDP reduce-scatters each micro-batch's gradients as its backward ends, so a rank
     holds only its shard of the accumulated gradients: deferring the reduce-scatter to the last micro-batch (FSDP's

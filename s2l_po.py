@@ -404,19 +404,21 @@ def main(args: Args) -> None:
         # --- update: the reference scores the tokens, the learner takes the GRPO step on the mixed group
         with meter.time("update"):
             for update in updates:
-                for rows, mb, norm in runtime.accumulate(learner, update, args.max_new_tokens):
-                    h_NH = common.response_hidden(learner, mb)
-                    logp_N, ent_N = common.logprobs_from_hidden(h_NH, learner.get_output_embeddings(),
-                                                                common.response_targets(mb), vocab,
-                                                                args.temperature, args.logprob_chunk)
-                    r_logp_N = logp_N.detach()  # no reference: the k3 term vanishes
-                    if ref is not None:
+                for rows, mb, norm in runtime.accumulate(update, args.max_new_tokens):
+                    r_logp_N = None
+                    if ref is not None:  # before the learner's forward: its transients never meet the graph's
                         with meter.time("ref"), torch.no_grad():
                             h_r_NH = common.response_hidden(ref, mb)
                             r_logp_N, _ = common.logprobs_from_hidden(h_r_NH, ref.get_output_embeddings(),
                                                                       common.response_targets(mb), vocab,
                                                                       args.temperature, args.logprob_chunk, False)
                         runtime.release(ref)  # FSDP2 keeps a root gathered until a backward, which never comes
+                    h_NH = common.response_hidden(learner, mb)
+                    logp_N, ent_N = common.logprobs_from_hidden(h_NH, learner.get_output_embeddings(),
+                                                                common.response_targets(mb), vocab,
+                                                                args.temperature, args.logprob_chunk)
+                    if r_logp_N is None:  # no reference: the k3 term vanishes
+                        r_logp_N = logp_N.detach()
                     logp_BT, ref_logp_BT = common.to_grid(logp_N, mb), common.to_grid(r_logp_N, mb)
                     old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
                     e_BT, e_logp_BT = expl_BT[rows, :mb.T], engine_logp_BT[rows, :mb.T]

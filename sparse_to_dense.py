@@ -283,10 +283,10 @@ def grpo_update(model, ref, opt, batch, correct_B, engine_logp_BT, vocab: int, a
     ref_logp_BT = None
     if ref is not None:
         with meter.time("ref"):
-            ref_logp_BT = common.score_logprobs(ref, batch, vocab, args.temperature, args.micro_batch_size,
-                                                args.logprob_chunk)
+            ref_logp_BT = runtime.score(ref, batch, vocab, args.temperature, args.micro_batch_size,
+                                        args.logprob_chunk)  # the frozen reference's root released
     for update in updates:
-        for rows, mb, norm in runtime.accumulate(model, update, args.max_new_tokens):
+        for rows, mb, norm in runtime.accumulate(update, args.max_new_tokens):
             logp_BT, ent_BT = common.token_logprobs(model, mb, vocab, args.temperature, args.logprob_chunk)
             old_BT = logp_BT.detach() if old_logp_BT is None else old_logp_BT[rows, :mb.T]
             ref_BT = None if ref_logp_BT is None else ref_logp_BT[rows, :mb.T]
@@ -310,7 +310,7 @@ def distill_update(stage: str, student, teacher, opt, batch, engine_logp_BT, voc
     positions, the student's token loss, one optimizer step (timing the teacher's forward apart)."""
     key = "kl/forward" if stage == "2a" else "kl/reverse"
     (update,) = runtime.minibatches(batch, args.micro_batch_size, 1)
-    for rows, mb, norm in runtime.accumulate(student, update, args.max_new_tokens):
+    for rows, mb, norm in runtime.accumulate(update, args.max_new_tokens):
         h_NH, targets_N = common.response_hidden(student, mb), common.response_targets(mb)
         h_t_NH = None
         if not (stage == "2a" and args.fkl_loss == "sft"):  # hard-label SFT needs no teacher forward

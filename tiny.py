@@ -369,7 +369,9 @@ def widen(model, tokenizer):
     opt = torch.optim.Adam([u_H], lr=0.05)
     for _ in range(500):
         loss = torch.nn.functional.softplus(-4 * h_NH @ (u_H / u_H.norm())).mean()
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     u_H = (u_H / u_H.norm()).detach()
     margin = float((h_NH @ u_H).min())
     assert margin > 0, f"no direction separates the final hidden states (min margin {margin})"

@@ -157,7 +157,7 @@ def run_ours(a, path: Path) -> dict:
     for _ in range(a.updates):
         ph = Phases(base)
         for update in runtime.minibatches(batch, a.micro_batch, 1):
-            for rows_, mb, norm in runtime.accumulate(student, update, a.response):
+            for rows_, mb, norm in runtime.accumulate(update, a.response):
                 targets_N = common.response_targets(mb)
                 with ph("teacher forward + head"), torch.no_grad():  # first, as kdrl.py does
                     h_t_NH = common.response_hidden(teacher, mb)
@@ -260,7 +260,7 @@ def run_fsdp2(a, path: Path) -> dict:
     out |= {"gathered_after_release_bytes": gathered_bytes(teacher), "rss_release_gib": (rss() - r0) / GIB}
     for mode in ("deferred", "every"):  # FSDP's no_sync until the last micro-batch, or runtime.accumulate's way
         r0, growth = rss(), []
-        for i, (_, mb, _) in enumerate(runtime.accumulate(student, mbs, 64)):
+        for i, (_, mb, _) in enumerate(runtime.accumulate(mbs, 64)):
             student.set_requires_gradient_sync(mode == "every" or i == len(mbs) - 1)
             common.token_logprobs(student, mb, TOKENIZER_VOCAB, 1.0, a.chunk)[0].sum().backward()
             growth.append((rss() - r0) / GIB)

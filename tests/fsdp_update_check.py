@@ -69,7 +69,7 @@ def main(out: Path) -> None:
         adv_B = torch.tensor([a for _, _, a in mine])
         norms, grads = [], None
         for update in runtime.minibatches(batch, micro_batch_size=2, num_minibatches=2):
-            for rows, mb, norm in runtime.accumulate(model, update, MAX_LEN):
+            for rows, mb, norm in runtime.accumulate(update, MAX_LEN):
                 loss_of(model, mb, adv_B[rows], agg, norm).backward()
             if grads is None:  # the first step's reduced gradients, gathered
                 grads = {k.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()

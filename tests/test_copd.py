@@ -122,7 +122,6 @@ def test_update_averages_the_token_means_of_native_and_cross_sequences_alike():
 
     def delta(agg):
         model = tiny.build_model("small", tok, seed=1)
-        model.set_requires_gradient_sync = lambda sync: None  # an unsharded model: nothing to synchronise
         before = [p.detach().clone() for p in model.parameters()]
         a = _args("--group-size", "2", "--max-grad-norm", "1e9", "--loss-agg", agg, "--temperature", "1.0")
         copd.train_branch(model, torch.optim.SGD(model.parameters(), lr=1.0), parts(), 0.5, vocab, a, "cpu")
